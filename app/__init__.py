@@ -1,0 +1,1 @@
+"""prunekit HTTP layer. Never imports torch."""

@@ -1,0 +1,58 @@
+"""Artifacts of a job: list and download (local files with Range support, or a presigned S3 URL)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+
+from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.api.jobs import load_job
+from app.db import queries
+from app.db.models import Artifact
+from app.errors import Problem
+from app.schemas import ArtifactList, ArtifactOut, epoch
+from app.storage import LocalStore, S3Store
+
+router = APIRouter(tags=["artifacts"])
+
+
+def artifact_out(a: Artifact) -> ArtifactOut:
+    return ArtifactOut(id=a.id, name=a.name, size_bytes=a.size_bytes, sha256=a.sha256,
+                       content_type=a.content_type, created_at=epoch(a.created_at) or 0)
+
+
+@router.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: str, session: SessionDep, principal: PrincipalDep) -> ArtifactList:
+    load_job(session, principal.tenant_id, job_id)
+    return ArtifactList(data=[artifact_out(a) for a in queries.list_artifacts(session, job_id)])
+
+
+@router.get("/v1/artifacts/{artifact_id}", response_model=ArtifactOut)
+def get_artifact(artifact_id: str, session: SessionDep, principal: PrincipalDep) -> ArtifactOut:
+    return artifact_out(_load(session, principal.tenant_id, artifact_id))
+
+
+@router.get("/v1/artifacts/{artifact_id}/content", response_model=None,
+            responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "presigned URL"}})
+def download(artifact_id: str, request: Request, session: SessionDep, principal: PrincipalDep,
+             settings: SettingsDep) -> Response:
+    artifact = _load(session, principal.tenant_id, artifact_id)
+    store = request.app.state.store
+    filename = artifact.name.rsplit("/", 1)[-1]
+    if isinstance(store, S3Store):
+        url = store.presigned_url(artifact.storage_key, filename, settings.presign_expiry_s)
+        return RedirectResponse(url, status_code=307)
+    assert isinstance(store, LocalStore)
+    path = store.path_for(artifact.storage_key)
+    if not path.is_file():
+        raise Problem(404, "artifact_content_missing", f"The content of {artifact_id!r} is no longer stored.",
+                      param="id")
+    return FileResponse(path, media_type=artifact.content_type, filename=filename,
+                        headers={"X-Content-SHA256": artifact.sha256})
+
+
+def _load(session: SessionDep, tenant_id: str, artifact_id: str) -> Artifact:
+    artifact = queries.get_artifact(session, tenant_id, artifact_id)
+    if artifact is None:
+        raise Problem(404, "artifact_not_found", f"No artifact {artifact_id!r}.", param="id")
+    return artifact

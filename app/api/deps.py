@@ -1,0 +1,63 @@
+"""Dependencies declared once and reused by every router."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, authenticate
+from app.config import Settings
+from app.errors import Problem
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session: Session = request.app.state.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(request: Request, session: SessionDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Problem(401, "missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.",
+                      headers={"WWW-Authenticate": "Bearer"})
+    principal = authenticate(session, token.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise Problem(401, "invalid_api_key", "The API key is not valid or has been revoked.",
+                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    enforce_rate_limits(request, principal.tenant_id)
+    return principal
+
+
+def enforce_rate_limits(request: Request, tenant_id: str) -> None:
+    settings: Settings = request.app.state.settings
+    limiter = request.app.state.limiter
+    buckets = [(f"{tenant_id}:all", settings.rate_limit_per_minute)]
+    if request.method == "POST" and request.url.path.rstrip("/") == "/v1/jobs":
+        buckets.append((f"{tenant_id}:create", settings.job_create_limit_per_minute))
+    for bucket, limit in buckets:
+        retry_after = limiter.hit(bucket, limit)
+        if retry_after is not None:
+            raise Problem(429, "rate_limited", f"Too many requests: at most {limit} a minute for this key's "
+                          f"tenant here. Retry in {retry_after} s.", headers={"Retry-After": str(retry_after)})
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,109 @@
+"""Jobs: create, read, list, cancel, events."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+
+from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.config import Settings
+from app.db import queries
+from app.db.models import Job
+from app.errors import Problem
+from app.queue import enqueue_job, enqueue_webhook
+from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("prunekit.api")
+
+JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
+
+
+def load_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+    job = queries.get_job(session, tenant_id, job_id)
+    if job is None:
+        # Another tenant's job answers exactly like a missing one: existence is not revealed.
+        raise Problem(404, "job_not_found", f"No job {job_id!r}.", param="id")
+    return job
+
+
+def check_local_model(settings: SettingsDep, model: str) -> None:
+    if not model.startswith("local:"):
+        return
+    name = model.removeprefix("local:")
+    root = settings.models_root
+    assert root is not None
+    folder = (root / name).resolve()
+    if not folder.is_relative_to(root) or not folder.is_dir():
+        raise Problem(422, "unknown_model", f"No model {name!r} under the server's models root; "
+                      "import it with 'prunekit models import'.", param="model")
+
+
+@router.post("", status_code=201, response_model=JobOut)
+def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
+               response: Response,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
+    check_local_model(settings, body.model)
+    request = body.model_dump(mode="json", exclude={"metadata"})
+    try:
+        job, created = queries.create_job(session, principal.tenant_id, request, body.metadata, idempotency_key)
+    except queries.IdempotencyConflict as exc:
+        raise Problem(409, "idempotency_key_reused", "This Idempotency-Key was used with a different body "
+                      f"(job {exc}).", param="Idempotency-Key") from exc
+    session.commit()  # the row must exist before a worker can pick the message up
+    if created:
+        try:
+            enqueue_job(settings, job.id)
+        except Exception as exc:  # the database row is the truth; a reconciler can re-send it
+            log.warning("could not enqueue %s: %s", job.id, exc)
+            queries.add_event(session, job.id, "The queue is unreachable; the job waits to be re-sent.",
+                              level="warning")
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=40)] = None,
+              status: JobStatus | None = None) -> JobList:
+    jobs, has_more = queries.list_jobs(session, principal.tenant_id, min(limit, settings.max_page_size), after,
+                                       status)
+    return JobList(data=[job_out(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    return job_out(load_job(session, principal.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JobOut:
+    job = load_job(session, principal.tenant_id, job_id)
+    try:
+        queries.cancel_job(session, job)
+    except queries.StateConflict as exc:
+        raise Problem(409, "job_already_ended", str(exc), param="id") from exc
+    session.commit()
+    if job.status == "cancelled" and job.request.get("webhook"):
+        notify(settings, job.id, job.status)
+    return job_out(job)
+
+
+def notify(settings: Settings, job_id: str, status: str) -> None:
+    try:
+        enqueue_webhook(settings, job_id, status)
+    except Exception as exc:
+        log.warning("could not enqueue the webhook of %s: %s", job_id, exc)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_events(job_id: str, session: SessionDep, principal: PrincipalDep,
+                after: Annotated[int | None, Query(ge=0)] = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventList:
+    load_job(session, principal.tenant_id, job_id)
+    events, has_more = queries.list_events(session, job_id, after, limit)
+    return EventList(data=[event_out(e) for e in events], has_more=has_more)

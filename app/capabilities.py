@@ -1,0 +1,41 @@
+"""What this server can do: the single list that request validation and GET /v1/capabilities share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The contract (api.md) names more values than this release runs; those are refused with a clear 422
+# instead of being accepted and failing later on a GPU.
+CONTRACT_METHODS = ("magnitude", "wanda", "sparsegpt")
+CONTRACT_PATTERNS = ("unstructured", "2:4", "4:8")
+CONTRACT_ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
+
+METHODS = ("magnitude", "wanda")
+PATTERNS = ("unstructured",)
+ALLOCATIONS = ("uniform",)
+MODEL_FAMILIES = ("llama",)
+BUILTIN_DATASETS = {"builtin:wiki-en": "text"}
+MODEL_SCHEMES = ("local", "hf", "s3")
+
+LIMITS = {
+    "calibration_num_samples": 1024,
+    "calibration_seq_len": 4096,
+    "evaluation_num_samples": 1024,
+    "evaluation_seq_len": 4096,
+    "metadata_keys": 16,
+    "metadata_value_chars": 512,
+    "list_page_size": 100,
+}
+
+
+def capabilities() -> dict[str, Any]:
+    return {
+        "object": "capabilities",
+        "methods": list(METHODS),
+        "patterns": list(PATTERNS),
+        "allocations": list(ALLOCATIONS),
+        "model_families": list(MODEL_FAMILIES),
+        "model_schemes": [f"{s}:" for s in MODEL_SCHEMES],
+        "datasets": [{"id": k, "kind": v} for k, v in BUILTIN_DATASETS.items()],
+        "limits": LIMITS,
+    }

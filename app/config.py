@@ -1,0 +1,67 @@
+"""Settings: the one place that reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False, populate_by_name=True)
+
+    var_dir: Path = Field(default=Path("var"), alias="PRUNEKIT_VAR_DIR")
+    database_url: str = ""
+    broker_url: str = ""
+    artifact_store: str = ""
+    s3_endpoint_url: str | None = None
+    # Where clients reach S3 when it differs from where the services do (e.g. minio inside docker-compose).
+    s3_public_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    models_root: Path | None = None
+    hf_cache_dir: Path | None = None
+    work_dir: Path | None = None
+    queue_name: str = "prunekit"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: str = "info"
+    device: str = "auto"
+    max_page_size: int = 100
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 5.0
+    webhook_timeout_s: float = 10.0
+    rate_limit_per_minute: int = 1200
+    job_create_limit_per_minute: int = 120
+    # Where the per-tenant counters live: Redis shares them across API replicas; "memory" for one process.
+    rate_limit_url: str = ""
+    presign_expiry_s: int = 3600
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        # Every default lives under one folder so that `make run` needs no servers and a fresh clone
+        # works anywhere; production overrides each by environment.
+        var = self.var_dir.resolve()
+        self.var_dir = var
+        if not self.database_url:
+            self.database_url = f"sqlite:///{var / 'prunekit.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
+        if not self.artifact_store:
+            self.artifact_store = str(var / "artifacts")
+        if not self.rate_limit_url:
+            self.rate_limit_url = self.broker_url if self.broker_url.startswith("redis") else "memory"
+        self.models_root = (self.models_root or var / "models").resolve()
+        self.hf_cache_dir = (self.hf_cache_dir or var / "hf-cache").resolve()
+        self.work_dir = (self.work_dir or var / "work").resolve()
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

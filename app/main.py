@@ -1,0 +1,38 @@
+"""create_app(): routers, error handlers, shared state."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.api import artifacts, jobs, streams, system, webhooks
+from app.config import Settings, get_settings
+from app.dashboard import install_dashboard
+from app.db.session import migrate, session_factory
+from app.errors import install_error_handlers
+from app.observability import install_metrics
+from app.ratelimit import make_limiter
+from app.storage import make_store
+
+
+def create_app(settings: Settings | None = None, run_migrations: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    if run_migrations:
+        migrate(settings.database_url)
+    app = FastAPI(
+        title="prunekit",
+        version="1",
+        description="Pruning as a service: submit a job (model, sparsity, method), watch it, download the result.",
+    )
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings)
+    app.state.store = make_store(settings)
+    app.state.limiter = make_limiter(settings.rate_limit_url)
+    install_error_handlers(app)
+    install_metrics(app)
+    app.include_router(jobs.router)
+    app.include_router(streams.router)
+    app.include_router(artifacts.router)
+    app.include_router(system.router)
+    app.include_router(webhooks.router)
+    install_dashboard(app)
+    return app

@@ -1,0 +1,73 @@
+"""Prometheus metrics: HTTP latency measured in-process; job and queue figures read at scrape time
+from the database and the broker, which every API replica sees alike."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from app.db.models import Job
+from app.queue import queue_depth
+
+JOB_STATUSES = ("queued", "running", "cancel_requested", "succeeded", "failed", "cancelled")
+
+
+class ServiceCollector(Collector):
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        jobs = GaugeMetricFamily("prunekit_jobs", "Jobs by status, all tenants.", labels=["status"])
+        stage_sum = CounterMetricFamily("prunekit_job_stage_seconds", "Time spent per stage by succeeded jobs.",
+                                        labels=["stage"])
+        stage_count = CounterMetricFamily("prunekit_job_stage_runs", "Succeeded jobs that ran each stage.",
+                                          labels=["stage"])
+        with self.app.state.sessions() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            totals: dict[str, list[float]] = {}
+            for metrics in session.scalars(select(Job.metrics).where(Job.status == "succeeded")):
+                for stage, seconds in ((metrics or {}).get("timings_s") or {}).items():
+                    entry = totals.setdefault(stage, [0.0, 0.0])
+                    entry[0] += float(seconds)
+                    entry[1] += 1
+        for status in JOB_STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        for stage, (seconds, runs) in sorted(totals.items()):
+            stage_sum.add_metric([stage], seconds)
+            stage_count.add_metric([stage], runs)
+        yield jobs
+        yield stage_sum
+        yield stage_count
+        depth = queue_depth(self.app.state.settings)
+        queue = GaugeMetricFamily("prunekit_queue_depth", "Messages waiting in the job queue (-1: unreachable).")
+        queue.add_metric([], -1 if depth is None else depth)
+        yield queue
+
+
+def install_metrics(app: FastAPI) -> None:
+    registry = CollectorRegistry()
+    latency = Histogram("prunekit_http_request_duration_seconds", "HTTP request latency.",
+                        ["method", "route", "status"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    registry.register(ServiceCollector(app))
+
+    @app.middleware("http")
+    async def _time_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # The route template, not the raw path: one series per endpoint, not one per job id.
+        template = getattr(route, "path", "unmatched")
+        latency.labels(request.method, template, str(response.status_code)).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

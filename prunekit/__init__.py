@@ -1,0 +1,1 @@
+"""prunekit: pruning as a service. The `prunekit` command lives in prunekit.cli."""

@@ -1,0 +1,189 @@
+"""The `prunekit` command: serve, worker, keys, models, and `up` (everything at once, for `make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.config import Settings, get_settings
+
+DEMO_MODELS = ("tiny-llama", "smollm2-135m")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (migrates the database first)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+
+    worker = sub.add_parser("worker", help="run a Celery worker that executes pruning jobs")
+    worker.add_argument("--concurrency", type=int, default=1)
+
+    sub.add_parser("migrate", help="bring the database schema up to date")
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create an API key for a tenant (printed once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="")
+    revoke = keys.add_parser("revoke", help="revoke a key (give the key, or the 10-character prefix it starts with)")
+    revoke.add_argument("key")
+
+    models = sub.add_parser("models", help="manage the models root").add_subparsers(dest="models_command",
+                                                                                     required=True)
+    imp = models.add_parser("import", help=f"import a model as local:<name> ({', '.join(DEMO_MODELS)} are built in)")
+    imp.add_argument("name")
+    imp.add_argument("--from", dest="source", type=Path, default=None,
+                     help="a .gguf file or an HF folder (safetensors) to import under NAME")
+    imp.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    models.add_parser("list", help="list the models under the models root")
+
+    up = sub.add_parser("up", help="migrate, import demo models, start API + worker, run the main job, keep serving")
+    up.add_argument("--model", default="local:smollm2-135m")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop everything once the main job ends")
+
+    from prunekit import jobs_cli
+
+    jobs_cli.add_parser(sub)
+
+    args = parser.parse_args(argv)
+    if args.command == "jobs":
+        return jobs_cli.run(args)
+    settings = get_settings()
+    if args.command == "serve":
+        return cmd_serve(settings, args.host, args.port)
+    if args.command == "worker":
+        return cmd_worker(settings, args.concurrency)
+    if args.command == "migrate":
+        from app.db.session import migrate
+
+        migrate(settings.database_url)
+        return 0
+    if args.command == "keys" and args.keys_command == "create":
+        print(create_key(settings, args.tenant, args.name))
+        return 0
+    if args.command == "keys":
+        from app.auth import revoke_key
+        from app.db.session import session_scope
+
+        with session_scope(settings) as session:
+            count = revoke_key(session, args.key)
+        print(f"revoked {count} key(s)")
+        return 0 if count else 1
+    if args.command == "models" and args.models_command == "import":
+        dest = import_model(settings, args.name, args.source, args.force)
+        print(f"local:{args.name} -> {dest}")
+        return 0
+    if args.command == "models":
+        root = settings.models_root
+        assert root is not None
+        for folder in sorted(root.iterdir()) if root.exists() else []:
+            print(f"local:{folder.name}")
+        return 0
+    from prunekit.up import run_up
+
+    return run_up(settings, args.model, args.exit_after_demo)
+
+
+def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
+    import uvicorn
+
+    from app.db.session import migrate
+    from app.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    migrate(settings.database_url)
+    uvicorn.run("app.main:create_app", factory=True, host=host or settings.api_host, port=port or settings.api_port,
+                log_level=settings.log_level, proxy_headers=True, log_config=None)
+    return 0
+
+
+def cmd_worker(settings: Settings, concurrency: int) -> int:
+    from app.logs import configure_logging
+    from workers.celery_app import celery
+
+    configure_logging(settings.log_level)
+
+    # One job per process: torch does its own threading, and fork after torch import is fragile.
+    pool = "solo" if concurrency == 1 else "prefork"
+    celery.worker_main(["worker", f"--loglevel={settings.log_level.upper()}", f"--concurrency={concurrency}",
+                        f"--pool={pool}", "-Q", settings.queue_name, "-E",
+                        f"--hostname=prunekit-{os.getpid()}@%h"])
+    return 0
+
+
+def create_key(settings: Settings, tenant: str, name: str = "") -> str:
+    from app.auth import create_key as _create
+    from app.db.session import migrate, session_scope
+
+    migrate(settings.database_url)
+    with session_scope(settings) as session:
+        return _create(session, tenant, name)
+
+
+def import_model(settings: Settings, name: str, source: Path | None, force: bool = False) -> Path:
+    from workers.pruning import demo_models
+
+    assert settings.models_root is not None
+    if "/" in name or name.startswith(".") or not name:
+        raise SystemExit(f"invalid model name {name!r}")
+    dest = settings.models_root / name
+    if dest.exists():
+        if not force:
+            return dest
+        shutil.rmtree(dest)
+    settings.models_root.mkdir(parents=True, exist_ok=True)
+    if source is not None and source.suffix == ".gguf":
+        demo_models.import_gguf(source, dest)
+    elif source is not None:
+        copy_hf_folder(source, dest)
+    elif name == "tiny-llama":
+        demo_models.build_tiny_llama(dest)
+    elif name == "smollm2-135m":
+        demo_models.import_smollm2(dest)
+    else:
+        raise SystemExit(f"unknown built-in model {name!r}: pass --from PATH (a .gguf file or an HF folder)")
+    return dest
+
+
+SAFE_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+
+
+def copy_hf_folder(source: Path, dest: Path) -> None:
+    """Copies only files that cannot execute code when loaded: pickled weights are left behind."""
+    files = sorted({p for pattern in SAFE_MODEL_FILES for p in source.glob(pattern) if p.is_file()})
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise SystemExit(f"{source} has no .safetensors weights (pickled .bin/.pt/.pth checkpoints are refused)")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in files:
+        shutil.copy2(path, tmp / path.name)
+    tmp.rename(dest)
+
+
+def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "prunekit", *args], start_new_session=True)
+
+
+def stop(processes: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

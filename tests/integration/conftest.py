@@ -1,0 +1,106 @@
+"""A running service: `prunekit serve` and `prunekit worker` as real processes, on either stack."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from app.auth import create_key
+from app.config import Settings
+from app.db.session import migrate, session_scope
+from tests.conftest import REDIS_URL, ROOT, free_port, wait_for
+
+
+@dataclass
+class Service:
+    base_url: str
+    api_key: str
+    env: dict[str, str]
+    models_root: Path
+    logs: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30, follow_redirects=True,
+                            headers={"Authorization": f"Bearer {self.api_key}"})
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return "".join(f"\n--- {p.name} ---\n{p.read_text(errors='replace')[-chars:]}"
+                       for p in sorted(self.logs.glob("*.log")))
+
+
+def start_service(env_overrides: dict[str, str], tmp: Path, models_root: Path) -> Service:
+    port = free_port()
+    env = {**os.environ, "PRUNEKIT_VAR_DIR": str(tmp / "var"), "MODELS_ROOT": str(models_root),
+           "API_PORT": str(port), "API_HOST": "127.0.0.1", "DEVICE": "cpu", "LOG_LEVEL": "info",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "WEBHOOK_BACKOFF_S": "0.5", **env_overrides}
+    settings = Settings(**{k: v for k, v in env.items() if k in _SETTING_NAMES})
+    migrate(settings.database_url)
+    with session_scope(settings) as session:
+        key = create_key(session, f"it-{secrets.token_hex(4)}")
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    service = Service(f"http://127.0.0.1:{port}", key, env, models_root, logs)
+    for name in ("serve", "worker"):
+        out = (logs / f"{name}.log").open("wb")
+        service.processes[name] = subprocess.Popen([sys.executable, "-m", "prunekit", name], env=env, cwd=ROOT,
+                                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: httpx.get(f"{service.base_url}/readyz", timeout=2).status_code == 200, 60, "API")
+    except TimeoutError as exc:
+        stop_service(service)
+        raise AssertionError(f"{exc}{service.log_tail()}") from exc
+    return service
+
+
+def stop_service(service: Service) -> None:
+    for proc in service.processes.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in service.processes.values():
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+_SETTING_NAMES = {"PRUNEKIT_VAR_DIR", "DATABASE_URL", "BROKER_URL", "ARTIFACT_STORE", "S3_ENDPOINT_URL",
+                  "MODELS_ROOT", "QUEUE_NAME"}
+
+
+@pytest.fixture(scope="module", params=["postgres-redis-s3", "embedded"])
+def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            models_root: Path) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    queue = f"prunekit-it-{secrets.token_hex(4)}"
+    if request.param == "embedded":
+        overrides = {"QUEUE_NAME": queue}  # SQLite, the SQLAlchemy broker on SQLite, a local artifact folder
+    else:
+        pg_url = request.getfixturevalue("pg_url")
+        s3 = request.getfixturevalue("s3_endpoint")
+        bucket = f"prunekit-it-{secrets.token_hex(4)}"
+        boto3.client("s3", endpoint_url=s3, region_name="us-east-1").create_bucket(Bucket=bucket)
+        overrides = {"DATABASE_URL": pg_url, "BROKER_URL": REDIS_URL, "QUEUE_NAME": queue,
+                     "ARTIFACT_STORE": f"s3://{bucket}/artifacts", "S3_ENDPOINT_URL": s3}
+    svc = start_service(overrides, tmp, models_root)
+    svc.env["STACK"] = request.param
+    try:
+        yield svc
+    finally:
+        stop_service(svc)
+        if request.param != "embedded":
+            import redis
+
+            redis.Redis.from_url(REDIS_URL).delete(queue)
