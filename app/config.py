@@ -37,6 +37,18 @@ class Settings(BaseSettings):
     # Where the per-tenant counters live: Redis shares them across API replicas; "memory" for one process.
     rate_limit_url: str = ""
     presign_expiry_s: int = 3600
+    # Uploaded datasets (POST /v1/datasets): a bigger body answers 413; the rest of a bad upload 422.
+    max_upload_bytes: int = 256 * 2**20
+    max_dataset_records: int = 1_000_000
+    max_zip_members: int = 100_000
+    max_zip_uncompressed_bytes: int = 2 * 2**30
+    # Reliability: a worker holds a job by a lease in the database, renewed every job_lease_s / 3; a lease
+    # left to expire (the worker died) lets the reconciler hand the job to another worker.
+    job_lease_s: float = 60.0
+    # How often each worker re-sends jobs the broker lost (queued ones, and running ones whose lease expired).
+    reconcile_interval_s: float = 30.0
+    # Jobs of one tenant running at once; more wait `queued` and are claimed as slots free up.
+    max_running_jobs_per_tenant: int = 2
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

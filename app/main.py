@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api import artifacts, jobs, streams, system, webhooks
+from app.api import artifacts, datasets, jobs, streams, system, webhooks
 from app.config import Settings, get_settings
 from app.dashboard import install_dashboard
 from app.db.session import migrate, session_factory
 from app.errors import install_error_handlers
 from app.observability import install_metrics
+from app.openapi import install_openapi
 from app.ratelimit import make_limiter
 from app.storage import make_store
 
@@ -32,7 +33,9 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.include_router(jobs.router)
     app.include_router(streams.router)
     app.include_router(artifacts.router)
+    app.include_router(datasets.router)
     app.include_router(system.router)
     app.include_router(webhooks.router)
     install_dashboard(app)
+    install_openapi(app)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from celery import Celery
 
 from app.config import Settings
@@ -46,9 +48,12 @@ def _producer(settings: Settings) -> Celery:
     return _producers[key]
 
 
-def enqueue_job(settings: Settings, job_id: str) -> None:
+def enqueue_job(settings: Settings, job_id: str, sent_at: datetime | None = None,
+                countdown: float | None = None) -> None:
+    """`sent_at` is the job's `enqueued_at` for this send: it tells the newest message of a job from older ones."""
+    kwargs = {"sent_at": sent_at.isoformat()} if sent_at is not None else {}
     _producer(settings).send_task(
-        RUN_JOB_TASK, args=[job_id], queue=settings.queue_name, retry=True,
+        RUN_JOB_TASK, args=[job_id], kwargs=kwargs, queue=settings.queue_name, countdown=countdown, retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
 

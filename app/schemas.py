@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from app import capabilities as caps
-from app.db.models import Job, JobEvent
+from app.db.models import Dataset, Job, JobEvent
 
 _LOCAL = re.compile(r"^local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HF = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?$")
+_DATASET_ID = re.compile(r"^ds_[0-9A-Z]{26}$")
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$")
 
 
@@ -31,6 +34,7 @@ class Strict(BaseModel):
 
 
 class Calibration(Strict):
+    # A CLIP model left at this default calibrates on builtin:digits; the job's report names the dataset used.
     dataset: str = "builtin:wiki-en"
     num_samples: int = Field(64, ge=1, le=caps.LIMITS["calibration_num_samples"])
     seq_len: int = Field(512, ge=16, le=caps.LIMITS["calibration_seq_len"])
@@ -39,13 +43,17 @@ class Calibration(Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value not in caps.BUILTIN_DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; available: {', '.join(caps.BUILTIN_DATASETS)}")
+        # Uploaded datasets (ds_...) are checked against the caller's tenant by the route.
+        if value not in caps.BUILTIN_DATASETS and not _DATASET_ID.match(value):
+            raise ValueError(f"unknown dataset {value!r}; use an uploaded dataset id (ds_...) or one of: "
+                             f"{', '.join(caps.BUILTIN_DATASETS)}")
         return value
 
 
 class Evaluation(Strict):
     perplexity: bool = True
+    accuracy: bool = Field(True, description="CLIP-style models: zero-shot accuracy on builtin:digits' held-out "
+                                             "split, dense and pruned (metrics.accuracy)")
     num_samples: int = Field(64, ge=1, le=caps.LIMITS["evaluation_num_samples"])
     seq_len: int = Field(512, ge=16, le=caps.LIMITS["evaluation_seq_len"])
 
@@ -64,8 +72,9 @@ class Webhook(Strict):
 class JobCreate(Strict):
     model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix")
     method: Literal["magnitude", "wanda", "sparsegpt"]
-    sparsity: float = Field(gt=0, lt=1)
+    # pattern comes before sparsity so that sparsity's validator can see it (fields validate in order).
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    sparsity: float = Field(gt=0, lt=1)
     allocation: Literal["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"] = "uniform"
     allocation_options: dict[str, Any] = Field(default_factory=dict)
     targets: dict[str, float] | None = None
@@ -90,7 +99,39 @@ class JobCreate(Strict):
                              f"available: {', '.join(allowed)}")
         return value
 
-    @field_validator("allocation_options", "targets", "restore", "sweep")
+    @field_validator("sparsity")
+    @classmethod
+    def _fixed_by_pattern(cls, value: float, info: ValidationInfo) -> float:
+        pattern = info.data.get("pattern")  # absent when the pattern itself was invalid
+        if pattern and ":" in pattern:
+            n, m = (int(part) for part in pattern.split(":"))
+            fixed = 1 - n / m
+            if not math.isclose(value, fixed, abs_tol=1e-9):
+                raise PydanticCustomError("sparsity_fixed_by_pattern", "pattern {pattern} fixes sparsity at {fixed}",
+                                          {"pattern": pattern, "fixed": f"{fixed:g}"})
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _known_towers(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError(f"names at least one tower of: {', '.join(caps.TOWERS)}")
+        unknown = sorted(set(value) - set(caps.TOWERS))
+        if unknown:
+            raise ValueError(f"unknown tower {', '.join(map(repr, unknown))}; towers: {', '.join(caps.TOWERS)}")
+        outside = {name: s for name, s in value.items() if not 0 < s < 1}
+        if outside:
+            raise ValueError(f"each tower's sparsity must be between 0 and 1 (exclusive); got {outside}")
+        pattern = info.data.get("pattern")
+        if pattern and ":" in pattern:  # as for `sparsity`: an N:M pattern fixes every tower's sparsity too
+            n, m = (int(part) for part in pattern.split(":"))
+            if any(not math.isclose(s, 1 - n / m, abs_tol=1e-9) for s in value.values()):
+                raise ValueError(f"pattern {pattern} fixes every tower's sparsity at {1 - n / m:g}")
+        return value
+
+    @field_validator("allocation_options", "restore", "sweep")
     @classmethod
     def _not_yet(cls, value: Any) -> Any:
         if value:
@@ -177,6 +218,28 @@ def job_out(job: Job) -> JobOut:
 def event_out(event: JobEvent) -> EventOut:
     return EventOut(id=event.id, created_at=epoch(event.created_at) or 0, level=event.level, type=event.type,
                     message=event.message, data=event.data)
+
+
+class DatasetOut(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    kind: Literal["text", "image-text"]
+    num_records: int
+    size_bytes: int
+    sha256: str
+    created_at: int
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DatasetOut]
+    has_more: bool
+
+
+def dataset_out(ds: Dataset) -> DatasetOut:
+    return DatasetOut(id=ds.id, name=ds.name, kind=ds.kind, num_records=ds.num_records,  # type: ignore[arg-type]
+                      size_bytes=ds.size_bytes, sha256=ds.sha256, created_at=epoch(ds.created_at) or 0)
 
 
 class ProblemOut(BaseModel):

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from app.config import Settings, get_settings
 
-DEMO_MODELS = ("tiny-llama", "smollm2-135m")
+DEMO_MODELS = ("tiny-llama", "smollm2-135m")  # what `up` imports
+# Also built in, on request only: digits-clip trains for about two minutes.
+BUILT_IN_MODELS = (*DEMO_MODELS, "digits-clip", "llava-smollm2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="manage the models root").add_subparsers(dest="models_command",
                                                                                      required=True)
-    imp = models.add_parser("import", help=f"import a model as local:<name> ({', '.join(DEMO_MODELS)} are built in)")
+    imp = models.add_parser("import",
+                            help=f"import a model as local:<name> ({', '.join(BUILT_IN_MODELS)} are built in)")
     imp.add_argument("name")
     imp.add_argument("--from", dest="source", type=Path, default=None,
                      help="a .gguf file or an HF folder (safetensors) to import under NAME")
@@ -148,6 +151,18 @@ def import_model(settings: Settings, name: str, source: Path | None, force: bool
         demo_models.build_tiny_llama(dest)
     elif name == "smollm2-135m":
         demo_models.import_smollm2(dest)
+    elif name == "digits-clip":
+        from workers.pruning.digits_clip import build_digits_clip
+
+        build_digits_clip(dest)
+    elif name == "llava-smollm2":
+        from workers.pruning.vlm_fixtures import build_llava_smollm2
+
+        # Both parts are imported first when missing: the vision tower is always digits-clip's, so the
+        # result does not depend on what happened to be imported before.
+        language = import_model(settings, "smollm2-135m", None)
+        vision = import_model(settings, "digits-clip", None)
+        build_llava_smollm2(dest, language, vision)
     else:
         raise SystemExit(f"unknown built-in model {name!r}: pass --from PATH (a .gguf file or an HF folder)")
     return dest

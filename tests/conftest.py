@@ -89,6 +89,19 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def digits_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real digits-clip recipe (about two minutes of one CPU thread), built once per run for unit and
+    integration tests alike. PRUNEKIT_TEST_DIGITS_CLIP names a folder to keep it in between runs instead:
+    the build's fingerprint (recipe, torch and transformers versions) decides whether it is reused."""
+    from workers.pruning.digits_clip import build_digits_clip
+
+    kept = os.environ.get("PRUNEKIT_TEST_DIGITS_CLIP")
+    dest = Path(kept) if kept else tmp_path_factory.mktemp("digits-clip") / "digits-clip"
+    build_digits_clip(dest)
+    return dest
+
+
 def wait_for(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 
+from app import capabilities as caps
+from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.config import Settings
 from app.db import queries
@@ -41,11 +44,33 @@ def check_local_model(settings: SettingsDep, model: str) -> None:
                       "import it with 'prunekit models import'.", param="model")
 
 
+def check_dataset_fits_model(settings: Settings, model: str, dataset_kind: str | None) -> None:
+    """An image-text dataset needs a model with a vision tower. Only a local model can be told apart here, from
+    its config.json (plain JSON); for other models the worker finds out and fails the job (dataset_error)."""
+    if dataset_kind != "image-text" or not model.startswith("local:"):
+        return
+    assert settings.models_root is not None
+    folder = settings.models_root / model.removeprefix("local:")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # a GGUF folder, or a config the worker will refuse itself
+        model_type = "gguf" if any(folder.glob("*.gguf")) else None
+    if isinstance(model_type, str) and model_type not in caps.VISION_MODEL_TYPES:
+        raise Problem(422, "incompatible_dataset", f"The calibration dataset is image-text, but {model} is a "
+                      f"text-only model ({model_type}) without a vision tower; use a text dataset such as "
+                      "builtin:wiki-en.", param="calibration.dataset")
+
+
 @router.post("", status_code=201, response_model=JobOut)
 def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
                response: Response,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     check_local_model(settings, body.model)
+    dataset_kind = caps.BUILTIN_DATASETS.get(body.calibration.dataset)
+    if body.calibration.dataset.startswith("ds_"):
+        dataset_kind = load_dataset(session, principal.tenant_id, body.calibration.dataset,
+                                    param="calibration.dataset").kind
+    check_dataset_fits_model(settings, body.model, dataset_kind)
     request = body.model_dump(mode="json", exclude={"metadata"})
     try:
         job, created = queries.create_job(session, principal.tenant_id, request, body.metadata, idempotency_key)
@@ -55,7 +80,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, se
     session.commit()  # the row must exist before a worker can pick the message up
     if created:
         try:
-            enqueue_job(settings, job.id)
+            enqueue_job(settings, job.id, sent_at=job.enqueued_at)
         except Exception as exc:  # the database row is the truth; a reconciler can re-send it
             log.warning("could not enqueue %s: %s", job.id, exc)
             queries.add_event(session, job.id, "The queue is unreachable; the job waits to be re-sent.",

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.api.deps import PrincipalDep
+from app.api.deps import PrincipalDep, SettingsDep
 from app.capabilities import capabilities
 from app.queue import broker_reachable
 
@@ -16,8 +16,13 @@ router = APIRouter(tags=["service"])
 
 
 @router.get("/v1/capabilities")
-def get_capabilities(_: PrincipalDep) -> dict[str, Any]:
-    return capabilities()
+def get_capabilities(_: PrincipalDep, settings: SettingsDep) -> dict[str, Any]:
+    caps = capabilities()
+    caps["limits"] = {**caps["limits"], "upload_bytes": settings.max_upload_bytes,
+                      "dataset_records": settings.max_dataset_records, "zip_members": settings.max_zip_members,
+                      "zip_uncompressed_bytes": settings.max_zip_uncompressed_bytes,
+                      "running_jobs_per_tenant": settings.max_running_jobs_per_tenant}
+    return caps
 
 
 @router.get("/healthz")

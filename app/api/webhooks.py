@@ -14,9 +14,13 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 @router.get("/secret")
 def get_secret(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
-    return {"object": "webhook_secret", "secret": queries.webhook_secret(session, principal.tenant_id)}
+    secret = queries.webhook_secret(session, principal.tenant_id)
+    session.commit()  # a secret made on first use must be stored before a client relies on it
+    return {"object": "webhook_secret", "secret": secret}
 
 
 @router.post("/secret/rotate")
 def rotate_secret(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
-    return {"object": "webhook_secret", "secret": queries.webhook_secret(session, principal.tenant_id, rotate=True)}
+    secret = queries.webhook_secret(session, principal.tenant_id, rotate=True)
+    session.commit()
+    return {"object": "webhook_secret", "secret": secret}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import DateTime, and_, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Artifact, Job, JobEvent, Tenant, utcnow
+from app.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
 from app.ids import new_id
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -36,8 +38,10 @@ def create_job(session: Session, tenant_id: str, request: dict[str, Any], metada
         existing = _job_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest), False
+    # enqueued_at is set before the send: if the send fails, the reconciler re-sends once it is stale.
+    now = utcnow()
     job = Job(id=new_id("job"), tenant_id=tenant_id, status="queued", request=request, metadata_=metadata,
-              idempotency_key=idempotency_key, request_hash=digest, attempts=0)
+              idempotency_key=idempotency_key, request_hash=digest, attempts=0, created_at=now, enqueued_at=now)
     session.add(job)
     try:
         session.flush()
@@ -78,17 +82,24 @@ def list_jobs(session: Session, tenant_id: str, limit: int, after: str | None,
 
 
 def cancel_job(session: Session, job: Job) -> Job:
-    if job.status == "queued":
-        job.status, job.finished_at = "cancelled", utcnow()
-        add_event(session, job.id, "Job cancelled before it started.", data={"status": "cancelled"})
-    elif job.status == "running":
-        job.status = "cancel_requested"
-        add_event(session, job.id, "Cancellation requested; the job stops after the current block.",
-                  data={"status": "cancel_requested"})
-    elif job.status in TERMINAL:
+    """Compare-and-set on the status: a worker claiming the job at the same moment either wins (and the
+    job winds down as cancel_requested) or finds it cancelled; an ended job is never reopened."""
+    for status, new_status in (("queued", "cancelled"), ("running", "cancel_requested")):
+        values: dict[str, Any] = {"status": new_status}
+        if new_status == "cancelled":
+            values["finished_at"] = utcnow()
+        changed = session.execute(update(Job).where(Job.id == job.id, Job.status == status).values(**values)
+                                  .execution_options(synchronize_session=False)).rowcount
+        if changed:
+            session.refresh(job)
+            message = ("Job cancelled before it started." if new_status == "cancelled"
+                       else "Cancellation requested; the job stops after the current block.")
+            add_event(session, job.id, message, data={"status": new_status})
+            return job
+    session.refresh(job)
+    if job.status in TERMINAL:
         raise StateConflict(f"job {job.id} has already ended ({job.status})")
-    session.flush()
-    return job
+    return job  # already cancel_requested: asking again changes nothing
 
 
 def add_event(session: Session, job_id: str, message: str, level: str = "info", type: str = "message",
@@ -125,3 +136,140 @@ def webhook_secret(session: Session, tenant_id: str, rotate: bool = False) -> st
         tenant.webhook_secret = new_secret()
         session.flush()
     return tenant.webhook_secret
+
+
+def add_dataset(session: Session, dataset: Dataset) -> Dataset:
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id))
+
+
+def list_datasets(session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[Dataset], bool]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    if after:
+        query = query.where(Dataset.id < after)
+    rows = list(session.scalars(query.order_by(Dataset.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def active_jobs_using_dataset(session: Session, tenant_id: str, dataset_id: str) -> list[str]:
+    """Jobs that have not ended and calibrate on the dataset: deleting it would make them fail."""
+    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL)))
+    return [job.id for job in jobs if (job.request.get("calibration") or {}).get("dataset") == dataset_id]
+
+
+# --- Leases: the database decides which worker runs a job -------------------------------------------------
+
+ACTIVE = ("running", "cancel_requested")  # a worker holds (or held) the job's lease
+ClaimOutcome = Literal["claimed", "capped", "skipped", "missing"]
+
+
+def _ts(value: datetime) -> Any:
+    # Typed so that SQLite stores and compares it in the same text format as the DateTime columns.
+    return literal(value, DateTime(timezone=True))
+
+
+def claim_job(session: Session, job_id: str, owner: str, lease_s: float, max_running: int,
+              now: datetime | None = None) -> ClaimOutcome:
+    """Takes the job for `owner`: queued, or running with an expired lease (its worker died) -> running.
+
+    One conditional UPDATE, so two workers racing for a job cannot both win. The tenant's cap is part of the
+    same statement; on Postgres the tenant row is locked first, because under READ COMMITTED two claims for
+    different jobs of one tenant would otherwise both count the other's claim as not yet there. SQLite runs
+    one writer at a time, which gives the same guarantee. The caller commits.
+    """
+    now = now or utcnow()
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    if tenant_id is None:
+        return "missing"
+    if session.get_bind().dialect.name == "postgresql":
+        # FOR NO KEY UPDATE: serialises claims of one tenant without blocking inserts of its jobs (FK checks).
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+    expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
+    other = select(Job.id).where(Job.tenant_id == tenant_id, Job.id != job_id, Job.status.in_(ACTIVE),
+                                 Job.lease_expires_at >= now).subquery()
+    running_others = select(func.count()).select_from(other).scalar_subquery()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, or_(Job.status == "queued", and_(Job.status == "running", expired)),
+               running_others < max_running)
+        .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
+                heartbeat_at=now, started_at=func.coalesce(Job.started_at, _ts(now)), attempts=Job.attempts + 1)
+        .execution_options(synchronize_session=False))
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return "claimed"
+    row = session.execute(select(Job.status, Job.lease_expires_at).where(Job.id == job_id)).one()
+    waiting = row.status == "queued" or (row.status == "running" and _expired(row.lease_expires_at, now))
+    return "capped" if waiting else "skipped"
+
+
+def touch_lease(session: Session, job_id: str, owner: str, lease_s: float) -> bool:
+    """Renews the lease if `owner` still holds it. The row stays locked until the caller's commit, so the
+    writes that follow in the same transaction cannot interleave with another worker's claim."""
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
+        .execution_options(synchronize_session=False))
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None) -> bool:
+    """A cancellation requested of a worker that then died: nobody is left to wind it down, so end it here."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "cancel_requested",
+                          or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+        .values(status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, "Job cancelled (its worker stopped before winding it down).",
+              data={"status": "cancelled"})
+    return True
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """A job that may have no message in the broker, and when one was last sent."""
+
+    id: str
+    status: str
+    since: datetime  # when it became runnable: created (queued) or its lease expired (running)
+    enqueued_at: datetime | None
+
+
+def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> list[Unsent]:
+    """Queued jobs last sent before `queued_before`, and running or cancelling jobs whose lease expired."""
+    queued = select(Job.id, Job.status, Job.created_at, Job.enqueued_at).where(
+        Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < queued_before))
+    expired = select(Job.id, Job.status, func.coalesce(Job.lease_expires_at, Job.created_at), Job.enqueued_at).where(
+        Job.status.in_(ACTIVE), or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+    rows = [*session.execute(queued.order_by(Job.id)), *session.execute(expired.order_by(Job.id))]
+    return [Unsent(r[0], r[1], aware(r[2] or now), aware(r[3]) if r[3] else None) for r in rows]
+
+
+def mark_enqueued(session: Session, job_id: str, previous: datetime | None, now: datetime | None) -> bool:
+    """Compare-and-set of enqueued_at: of several reconcilers looking at one job, exactly one re-sends it."""
+    same = Job.enqueued_at.is_(None) if previous is None else Job.enqueued_at == previous
+    result = session.execute(update(Job).where(Job.id == job_id, same).values(enqueued_at=now)
+                             .execution_options(synchronize_session=False))
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def note_enqueued(session: Session, job_id: str, now: datetime) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now)
+                    .execution_options(synchronize_session=False))
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands timestamps back without a zone; every one is stored in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _expired(lease_expires_at: datetime | None, now: datetime) -> bool:
+    return lease_expires_at is None or aware(lease_expires_at) < now

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import httpx
+import psycopg
 import pytest
 
 from app.auth import create_key
 from app.config import Settings
-from app.db.session import migrate, session_scope
-from tests.conftest import REDIS_URL, ROOT, free_port, wait_for
+from app.db.session import engine_for, migrate, session_scope
+from tests.conftest import PG_ADMIN_URL, REDIS_URL, ROOT, free_port, sqlalchemy_url, wait_for
 
 
 @dataclass
@@ -53,15 +56,34 @@ def start_service(env_overrides: dict[str, str], tmp: Path, models_root: Path) -
     logs.mkdir(exist_ok=True)
     service = Service(f"http://127.0.0.1:{port}", key, env, models_root, logs)
     for name in ("serve", "worker"):
-        out = (logs / f"{name}.log").open("wb")
-        service.processes[name] = subprocess.Popen([sys.executable, "-m", "prunekit", name], env=env, cwd=ROOT,
-                                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        start_process(service, name, name)
+    wait_until_ready(service)
+    return service
+
+
+def start_process(service: Service, name: str, command: str) -> subprocess.Popen[bytes]:
+    """`prunekit <command>` (serve or worker) with the service's environment, logged to logs/<name>.log;
+    also how a test adds a second worker or brings the API back after stopping it."""
+    out = (service.logs / f"{name}.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "prunekit", command], env=service.env, cwd=ROOT,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    service.processes[name] = proc
+    return proc
+
+
+def kill_process(service: Service, name: str, sig: int = signal.SIGKILL) -> None:
+    """Stops one process of the service the hard way (SIGKILL: no clean-up runs) and forgets it."""
+    proc = service.processes.pop(name)
+    os.kill(proc.pid, sig)
+    proc.wait(30)
+
+
+def wait_until_ready(service: Service, timeout_s: float = 60) -> None:
     try:
-        wait_for(lambda: httpx.get(f"{service.base_url}/readyz", timeout=2).status_code == 200, 60, "API")
+        wait_for(lambda: httpx.get(f"{service.base_url}/readyz", timeout=2).status_code == 200, timeout_s, "API")
     except TimeoutError as exc:
         stop_service(service)
         raise AssertionError(f"{exc}{service.log_tail()}") from exc
-    return service
 
 
 def stop_service(service: Service) -> None:
@@ -80,27 +102,45 @@ _SETTING_NAMES = {"PRUNEKIT_VAR_DIR", "DATABASE_URL", "BROKER_URL", "ARTIFACT_ST
                   "MODELS_ROOT", "QUEUE_NAME"}
 
 
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A Postgres database for one service. One database is one deployment: a worker's reconciler re-sends
+    every job of its database that waits, so services sharing one would run each other's jobs."""
+    name = f"prunekit_svc_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sqlalchemy_url(f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}")
+    try:
+        yield url
+    finally:
+        engine_for(url).dispose()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="module", params=["postgres-redis-s3", "embedded"])
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
             models_root: Path) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp(request.param)
     queue = f"prunekit-it-{secrets.token_hex(4)}"
+    database = ExitStack()
     if request.param == "embedded":
         overrides = {"QUEUE_NAME": queue}  # SQLite, the SQLAlchemy broker on SQLite, a local artifact folder
     else:
-        pg_url = request.getfixturevalue("pg_url")
+        pg_url = database.enter_context(fresh_database())
         s3 = request.getfixturevalue("s3_endpoint")
         bucket = f"prunekit-it-{secrets.token_hex(4)}"
         boto3.client("s3", endpoint_url=s3, region_name="us-east-1").create_bucket(Bucket=bucket)
         overrides = {"DATABASE_URL": pg_url, "BROKER_URL": REDIS_URL, "QUEUE_NAME": queue,
                      "ARTIFACT_STORE": f"s3://{bucket}/artifacts", "S3_ENDPOINT_URL": s3}
-    svc = start_service(overrides, tmp, models_root)
-    svc.env["STACK"] = request.param
-    try:
-        yield svc
-    finally:
-        stop_service(svc)
-        if request.param != "embedded":
-            import redis
+    with database:
+        svc = start_service(overrides, tmp, models_root)
+        svc.env["STACK"] = request.param
+        try:
+            yield svc
+        finally:
+            stop_service(svc)
+    if request.param != "embedded":
+        import redis
 
-            redis.Redis.from_url(REDIS_URL).delete(queue)
+        redis.Redis.from_url(REDIS_URL).delete(queue)

@@ -177,3 +177,30 @@ def test_failed_job_webhook_is_signed_and_retried(service: Service) -> None:
     events = http.get(f"/v1/jobs/{ended['id']}/events", params={"limit": 1000}).json()["data"]
     attempts = [e["data"]["webhook"] for e in events if e["data"] and "webhook" in e["data"]]
     assert [(a["attempt"], a["ok"]) for a in attempts] == [(1, False), (2, True)]
+
+
+def test_job_calibrates_on_an_uploaded_dataset(service: Service, tmp_path: Path) -> None:
+    from workers.pruning.data import BUILTIN_WIKI_EN, load_text
+
+    text = load_text(BUILTIN_WIKI_EN)[:40_000]
+    lines = [json.dumps({"text": para}) for para in text.split("\n\n") if para.strip()]
+    http = service.http
+    uploaded = http.post("/v1/datasets", files={"file": ("wiki.jsonl", "\n".join(lines).encode(), "application/jsonl")})
+    assert uploaded.status_code == 201, uploaded.text
+    dataset = uploaded.json()
+    assert dataset["kind"] == "text" and dataset["num_records"] == len(lines)
+
+    submitted = http.post("/v1/jobs", json={"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5,
+                                            **{**SMALL, "calibration": {**SMALL["calibration"],
+                                                                        "dataset": dataset["id"]}}})
+    assert submitted.status_code == 201, submitted.text
+    job = wait_until_ended(http, submitted.json()["id"], service)
+    assert job["status"] == "succeeded", f"{job['error']}{service.log_tail()}"
+    report_id = next(a["id"] for a in http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+                     if a["name"] == "report.json")
+    report = http.get(f"/v1/artifacts/{report_id}/content").json()
+    # The report names the dataset as the user knows it, not the worker's scratch path.
+    assert report["data"]["dataset"] == dataset["id"] and report["spec"]["calibration"]["dataset"] == dataset["id"]
+    assert 0 < report["data"]["num_tokens"] < 20_000
+    assert http.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+    assert http.get(f"/v1/datasets/{dataset['id']}").status_code == 404

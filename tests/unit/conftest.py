@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +44,19 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     import_smollm2(dest)  # ~20 s: dequantises the GGUF into fp32 safetensors
     yield dest
     shutil.rmtree(dest)  # 540 MB: pytest keeps the last runs' temporary folders
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """tiny_model("llava") -> the folder of that family's tiny model, built on first use (TINY_BUILDERS keys)."""
+    from workers.pruning.demo_models import TINY_BUILDERS
+
+    root = tmp_path_factory.mktemp("families")
+
+    def get(family: str) -> Path:
+        dest = root / family
+        if not dest.exists():
+            TINY_BUILDERS[family](dest, 0)
+        return dest
+
+    return get

@@ -84,7 +84,7 @@ def test_methods_return_the_weight_with_zeros_at_the_mask() -> None:
     assert get_method("magnitude").new_stats is None
 
 
-@pytest.mark.parametrize("name", ["sparsegpt", "random", ""])
+@pytest.mark.parametrize("name", ["obc", "random", ""])
 def test_unknown_method_is_a_job_error(name: str) -> None:
     with pytest.raises(JobError) as info:
         get_method(name)

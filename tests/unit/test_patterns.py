@@ -83,3 +83,12 @@ def test_parse_pattern_and_dispatch() -> None:
     scores = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(select_mask(scores, 0.5, "2:4"), nm_mask(scores, 2, 4))
     assert torch.equal(select_mask(scores, 0.25, "unstructured"), unstructured_mask(scores, 0.25))
+
+
+@pytest.mark.parametrize(("pattern", "requested"), [("2:4", 0.5), ("4:8", 0.5), ("2:4", 0.3), ("1:4", 0.9)])
+def test_nm_pattern_fixes_the_sparsity_at_one_minus_n_over_m(pattern: str, requested: float) -> None:
+    n, m = parse_pattern(pattern) or (0, 1)
+    scores = torch.randn(5, 4 * m, generator=torch.Generator().manual_seed(2))
+    mask = select_mask(scores, requested, pattern)
+    assert ((~mask).sum(dim=1) == 4 * (m - n)).all()  # requested sparsity plays no part
+    assert float((~mask).float().mean()) == 1 - n / m

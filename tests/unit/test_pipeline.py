@@ -82,8 +82,8 @@ def test_cancel_raises_and_saves_nothing(tiny_llama_dir: Path, small_text: Path,
 
 
 @pytest.mark.parametrize(("overrides", "code"), [
-    ({"method": "sparsegpt"}, "unsupported_method"),
-    ({"pattern": "2:4"}, "unsupported_pattern"),
+    ({"method": "obc"}, "unsupported_method"),
+    ({"pattern": "2-4"}, "unsupported_pattern"),
     ({"sparsity": 1.0}, "invalid_spec"),
     ({"calibration": CalibrationSpec(dataset="builtin:nope")}, "dataset_error"),
     ({"evaluation": EvaluationSpec(num_samples=10_000, seq_len=512)}, "dataset_error"),

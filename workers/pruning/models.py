@@ -1,4 +1,4 @@
-"""Models in and out: resolve a model reference, load an HF or GGUF folder, find the blocks, save a folder.
+"""Models in and out: resolve a model reference, load an HF or GGUF folder, find its towers of blocks, save.
 
 Only formats that cannot run code on load are read: safetensors and GGUF, with trust_remote_code=False.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,27 @@ from torch import nn
 from workers.pruning.spec import JobError
 
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+# Image/processor settings: plain JSON, read by AutoImageProcessor / AutoProcessor; carried into the output.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
+# Model types loaded with a class of their own; every other model_type is a causal LM (AutoModelForCausalLM).
+MULTIMODAL_CLASSES = {
+    "clip": "CLIPModel",
+    "llava": "LlavaForConditionalGeneration",
+    "blip-2": "Blip2ForConditionalGeneration",
+}
+# Files that make a tokenizer; a vision-language folder may have none of them.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel for causal LM
-    tokenizer: Any  # a transformers tokenizer
+    model: Any  # a transformers PreTrainedModel: a causal LM, or one of MULTIMODAL_CLASSES
+    tokenizer: Any  # a transformers tokenizer; None for a vision-language folder that ships none
     source: str  # "hf" | "gguf"
     path: Path  # the folder (hf) or the .gguf file it came from
 
@@ -101,9 +115,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(model_dir: Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """An HF folder (config.json + *.safetensors) or a folder with exactly one .gguf, plus its tokenizer."""
+def load_model(model_dir: Path, device: torch.device | str = "cpu", offload: bool = False) -> LoadedModel:
+    """An HF folder (config.json + *.safetensors) or a folder with exactly one .gguf, plus its tokenizer.
+
+    With offload, the dtype is chosen for `device` but the model stays on the CPU: the sequential driver
+    moves one block at a time to the device.
+    """
     device = torch.device(device)
+    home = torch.device("cpu") if offload else device
     folder = Path(model_dir)
     if not folder.is_dir():
         raise JobError("model_load_failed", f"The model folder {folder} does not exist.")
@@ -112,9 +131,9 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> LoadedMod
     ggufs = [p for p in files if p.suffix == ".gguf"]
     config = folder / "config.json"
     if config.is_file() and safetensors:
-        return _load_hf(folder, config, safetensors, device)
+        return _load_hf(folder, config, safetensors, device, home)
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], device)
+        return load_gguf(ggufs[0], home)
     if len(ggufs) > 1:
         names = ", ".join(p.name for p in ggufs)
         raise JobError("model_load_failed",
@@ -129,16 +148,33 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> LoadedMod
     raise JobError("model_load_failed", "The model folder has a config.json but no *.safetensors weights.")
 
 
-def _load_hf(folder: Path, config: Path, weights: list[Path], device: torch.device) -> LoadedModel:
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
+def _model_type(config: Path) -> str:
     try:
         parsed = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise JobError("model_load_failed", f"config.json is not valid JSON ({_first_line(exc)}).") from exc
     if not isinstance(parsed, dict) or "model_type" not in parsed:
         raise JobError("model_load_failed", "config.json is not a transformers model config (no model_type).")
+    return str(parsed["model_type"])
+
+
+def _from_pretrained(folder: Path, model_type: str, dtype: Any) -> Any:
+    import transformers
+
+    model_class = getattr(transformers, MULTIMODAL_CLASSES.get(model_type, "AutoModelForCausalLM"))
+    try:
+        return model_class.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except Exception as exc:  # transformers raises many types for one meaning: this folder cannot be loaded
+        raise JobError("model_load_failed", f"Could not load the model in {folder.name} "
+                                            f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+
+
+def _load_hf(folder: Path, config: Path, weights: list[Path], device: torch.device,
+             home: torch.device) -> LoadedModel:
+    """`device` decides the dtype, `home` where the weights live (the CPU when offloading)."""
+    from safetensors import safe_open
+
+    model_type = _model_type(config)
     for path in weights:  # reads only the header: catches truncated or corrupt files before a long load
         try:
             with safe_open(str(path), framework="pt"):
@@ -148,14 +184,11 @@ def _load_hf(folder: Path, config: Path, weights: list[Path], device: torch.devi
                                                 f"({_first_line(exc)}).") from exc
     # On CPU everything runs in fp32; on GPU a bf16 checkpoint stays bf16 (statistics are fp32 regardless).
     dtype: Any = torch.float32 if device.type == "cpu" else "auto"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=True)
-    except Exception as exc:  # transformers raises many types for one meaning: this folder cannot be loaded
-        raise JobError("model_load_failed", f"Could not load the model in {folder.name} "
-                                            f"({type(exc).__name__}: {_first_line(exc)}).") from exc
-    tokenizer = _load_tokenizer(folder)
-    return LoadedModel(_place(model, device), tokenizer, "hf", folder)
+    model = _from_pretrained(folder, model_type, dtype)
+    # Vision-language models may come without a tokenizer; only their text towers need one.
+    optional = model_type in MULTIMODAL_CLASSES and not any((folder / name).is_file() for name in _TOKENIZER_FILES)
+    tokenizer = None if optional else _load_tokenizer(folder)
+    return LoadedModel(_place(model, device, home), tokenizer, "hf", folder)
 
 
 def load_gguf(gguf_path: Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -182,10 +215,10 @@ def _load_tokenizer(folder: Path, **kwargs: Any) -> Any:
                                             f"({type(exc).__name__}: {_first_line(exc)}).") from exc
 
 
-def _place(model: nn.Module, device: torch.device) -> nn.Module:
+def _place(model: nn.Module, device: torch.device, home: torch.device | None = None) -> nn.Module:
     if device.type != "cpu" and next(model.parameters()).dtype not in (torch.bfloat16, torch.float32):
         model = model.float()  # fp16 overflows in long sums; bf16 has fp32's range
-    return model.to(device).eval()
+    return model.to(home or device).eval()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -195,47 +228,155 @@ def _first_line(exc: BaseException) -> str:
 
 # --- structure -----------------------------------------------------------------------------------------
 
+# Towers, in the order a forward pass runs them (so a later tower is calibrated on an earlier, pruned one).
+TOWERS = ("vision", "qformer", "language")
+# Towers pruned when a job gives no `targets`: the Q-Former is small and couples the two modalities.
+DEFAULT_TOWERS = ("vision", "language")
+# Which tower a list of blocks belongs to, from the first of these names on its module path. Every other
+# list is "language". CLIP's text encoder counts as "language": it is the tower that reads text, and one name
+# per concept lets a job say {"language": 0.5} of CLIP, LLaVA and BLIP-2 alike.
+_TOWER_OF_MODULE = {
+    "vision_model": "vision",  # CLIP, BLIP-2
+    "vision_tower": "vision",  # LLaVA
+    "qformer": "qformer",  # BLIP-2
+    "text_model": "language",  # CLIP
+}
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated decoder blocks: the nn.ModuleList of same-typed modules holding the most parameters.
 
-    Parameters rather than length decide, so that a list of MoE experts inside a block never wins.
+@dataclass(frozen=True)
+class Tower:
+    """One stack of identical blocks: the unit that is calibrated and pruned front to back."""
+
+    name: str  # one of TOWERS
+    prefix: str  # module path of the nn.ModuleList, e.g. "model.vision_tower.encoder.layers"
+    blocks: nn.ModuleList
+
+
+class LinearView:
+    """A prunable layer as methods see it: `weight` is [out_features, in_features], sharing the storage.
+
+    transformers' Conv1D (GPT-2) stores its weight as [in, out]; this view lets every method treat it like an
+    nn.Linear, and writing into `weight` writes the module's own weight.
     """
-    best: tuple[int, str, nn.ModuleList] | None = None
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.weight = weight_matrix(layer)
+        self.out_features, self.in_features = self.weight.shape
+
+
+def _conv1d_type() -> type[nn.Module]:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | _conv1d_type())
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as [out, in], a view of its storage (no copy), outside autograd."""
+    weight = layer.weight.data
+    return weight.t() if isinstance(layer, _conv1d_type()) else weight
+
+
+def method_view(layer: nn.Module) -> Any:
+    """What a method's statistics constructor receives: the Linear itself, or a LinearView of a Conv1D."""
+    return layer if isinstance(layer, nn.Linear) else LinearView(layer)
+
+
+def find_towers(model: nn.Module) -> list[Tower]:
+    """Every tower of the model, in TOWERS order: per tower, the largest nn.ModuleList of same-typed blocks.
+
+    Blocks are found by discovery, not per model class; parameters rather than length decide between lists,
+    so that a list of MoE experts inside a block never wins over the blocks themselves.
+    """
+    best: dict[str, tuple[int, str, nn.ModuleList]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(child) for child in module}) != 1:
             continue
+        if not any(is_prunable(m) for m in module[0].modules()):
+            continue
+        tower = tower_of(name)
         size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    if best is None:
+        if tower not in best or size > best[tower][0]:
+            best[tower] = (size, name, module)
+    if not best:
         raise JobError("invalid_model", "The model has no repeated blocks (nn.ModuleList) to prune.")
-    return best[1], best[2]
+    return [Tower(tower, best[tower][1], best[tower][2]) for tower in TOWERS if tower in best]
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of one block, by name relative to the block."""
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+def plan_towers(towers: Sequence[Tower], sparsity: float,
+                targets: Mapping[str, float] | None = None) -> list[tuple[Tower, float]]:
+    """(tower, sparsity) for every tower to prune, in forward order; towers not in the plan stay dense."""
+    if targets is None:
+        return [(tower, sparsity) for tower in towers if tower.name in DEFAULT_TOWERS]
+    present = {tower.name for tower in towers}
+    missing = sorted(set(targets) - present)
+    if missing:
+        raise JobError("invalid_spec", f"targets names {', '.join(map(repr, missing))}, which this model does not "
+                                       f"have; its towers: {', '.join(sorted(present))}.")
+    for name, value in targets.items():
+        if not 0.0 < value < 1.0:
+            raise JobError("invalid_spec", f"targets[{name!r}] must be between 0 and 1 (exclusive); got {value}.")
+    return [(tower, float(targets[tower.name])) for tower in towers if tower.name in targets]
 
 
-def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside the blocks, by full name; embeddings and the LM head are outside the blocks."""
-    prefix, blocks = find_blocks(model)
-    return {f"{prefix}.{index}.{name}": layer
-            for index, block in enumerate(blocks) for name, layer in block_linears(block).items()}
+def tower_of(module_path: str) -> str:
+    for part in module_path.split("."):
+        if part in _TOWER_OF_MODULE:
+            return _TOWER_OF_MODULE[part]
+    return "language"
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The language tower's blocks (a decoder LM's decoder layers), or the largest tower's if none."""
+    towers = find_towers(model)
+    language = [t for t in towers if t.name == "language"]
+    tower = language[0] if language else max(towers, key=lambda t: sum(p.numel() for p in t.blocks.parameters()))
+    return tower.prefix, tower.blocks
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer (nn.Linear, transformers' Conv1D) of one block, by name relative to the block."""
+    return {name: module for name, module in block.named_modules() if is_prunable(module)}
+
+
+def tower_layers(tower: Tower) -> dict[str, nn.Module]:
+    """Every prunable layer inside one tower's blocks, by full module name."""
+    return {f"{tower.prefix}.{index}.{name}": layer
+            for index, block in enumerate(tower.blocks) for name, layer in block_linears(block).items()}
+
+
+def prunable_layers(model: nn.Module, towers: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """Every prunable layer inside the blocks of the named towers (all towers when None), by full name.
+
+    Embeddings, heads, projectors between towers and anything else outside the blocks stay dense.
+    """
+    return {name: layer for tower in find_towers(model) if towers is None or tower.name in towers
+            for name, layer in tower_layers(tower).items()}
 
 
 # --- saving --------------------------------------------------------------------------------------------
 
 
-def save_pretrained_folder(model: Any, tokenizer: Any, dest: Path) -> None:
-    """config.json, model.safetensors, generation_config.json and tokenizer files, loadable without GGUF."""
+def save_pretrained_folder(model: Any, tokenizer: Any, dest: Path, source: Path | None = None) -> None:
+    """config.json, model.safetensors, generation_config.json and tokenizer files, loadable without GGUF.
+
+    tokenizer may be None (a vision-language folder without one); the image processor's files of a
+    `source` folder are copied as they are, so the saved folder is used exactly like the original.
+    """
     # A GGUF-loaded model still carries the quantizer that dequantised it; its weights are plain tensors now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+    if source is not None and source.is_dir():
+        for name in PROCESSOR_FILES:
+            if (source / name).is_file() and not (dest / name).exists():
+                shutil.copyfile(source / name, dest / name)

@@ -9,35 +9,40 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.pruning import data
+from workers.pruning import multimodal
 from workers.pruning.evaluate import perplexity, sparsity_report
 from workers.pruning.methods import get_method
 from workers.pruning.models import (
-    find_blocks,
+    TOWERS,
+    Tower,
+    find_towers,
     load_model,
-    prunable_layers,
+    plan_towers,
     resolve_device,
     save_pretrained_folder,
+    tower_layers,
 )
-from workers.pruning.patterns import UNSTRUCTURED
-from workers.pruning.sequential import prune_sequential
+from workers.pruning.patterns import parse_pattern
+from workers.pruning.sequential import prune_towers
 from workers.pruning.spec import JobCancelled, JobError, Progress, PruneSpec, Result
+from workers.pruning.zero_shot import digits_zero_shot_accuracy
 
 CALIBRATION_BATCH = 4  # windows per forward pass while pruning; the captured activations dominate memory
 EVALUATION_BATCH = 4
+ACCURACY_DATASET = "builtin:digits (held-out split, zero-shot over its ten digit prompts)"
 
 _MESSAGES = {
     "loading": "Loading the model.",
     "calibration": "Preparing calibration and evaluation data.",
-    "evaluation_dense": "Measuring the perplexity of the dense model.",
+    "evaluation_dense": "Measuring the {} of the dense model.",
     "pruning": "Pruning block by block.",
-    "evaluation_pruned": "Measuring the perplexity of the pruned model.",
+    "evaluation_pruned": "Measuring the {} of the pruned model.",
     "saving": "Saving the pruned model.",
 }
 
@@ -54,56 +59,84 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         should_cancel: Callable[[], bool] = _never) -> Result:
     method = get_method(spec.method)
     _check(spec)
+    _check_targets(spec)
     device = resolve_device(spec.device)
     memory = _PeakMemory(device)
     timings: dict[str, float] = {}
 
     @contextmanager
-    def stage(name: str, total: int = 1) -> Iterator[None]:
+    def stage(name: str, total: int = 1, what: str = "") -> Iterator[None]:
         if should_cancel():
             raise JobCancelled(f"cancelled before {name}")
-        on_progress(Progress(name, 0, total, _MESSAGES[name]))
+        on_progress(Progress(name, 0, total, _MESSAGES[name].format(what)))
         start = time.perf_counter()
         yield
         timings[name] = round(time.perf_counter() - start, 3)
 
     with stage("loading"):
-        loaded = load_model(Path(spec.model_dir), device)
+        loaded = load_model(Path(spec.model_dir), device, offload=spec.offload)
         model = loaded.model
-        _, blocks = find_blocks(model)
-        layer_names = list(prunable_layers(model))
+        towers = find_towers(model)
+        plan = plan_towers(towers, spec.sparsity, spec.targets)
+        num_blocks = sum(len(tower.blocks) for tower, _ in plan)
+        requested = spec.calibration.dataset
+        cal_spec = replace(spec.calibration, dataset=multimodal.calibration_dataset(model, requested))
 
     calibration = evaluation = None
-    dataset_info: dict[str, Any] = {}
+    dataset_info: dict[str, Any] = {"dataset": cal_spec.dataset}
     if method.new_stats is not None or spec.evaluation.perplexity:
         with stage("calibration"):
-            calibration, evaluation, dataset_info = _windows(spec, method.new_stats is not None,
-                                                             loaded.tokenizer)
+            calibration, evaluation, dataset_info = multimodal.job_data(
+                model, loaded.tokenizer, cal_spec, spec.evaluation, method.new_stats is not None,
+                text_calibration=any(tower.name != "vision" for tower, _ in plan))
+    if cal_spec.dataset != requested:
+        dataset_info["dataset_requested"] = requested
+        dataset_info["dataset_note"] = f"{requested} is the default; a CLIP model calibrates on {cal_spec.dataset}"
+    text_lm = multimodal.perplexity_model(model)  # LLaVA: itself, text only; BLIP-2: its inner LM
+    zero_shot = _zero_shot(spec, model, loaded.tokenizer, dataset_info)
+    measured = " and ".join(name for name, on in (("perplexity", evaluation is not None),
+                                                   ("zero-shot accuracy", zero_shot)) if on)
 
     ppl: dict[str, float | None] = {}
-    if evaluation is not None:
-        with stage("evaluation_dense"):
-            ppl["dense"] = _finite(perplexity(model, evaluation, EVALUATION_BATCH, should_cancel))
+    accuracy: dict[str, float | None] = {}
 
-    with stage("pruning", total=len(blocks)):
+    def evaluate(which: str) -> None:  # "dense" | "pruned"
+        if evaluation is not None:
+            ppl[which] = _finite(perplexity(text_lm, evaluation, EVALUATION_BATCH, should_cancel))
+        if zero_shot:
+            accuracy[which] = _finite(digits_zero_shot_accuracy(model, loaded.tokenizer, should_cancel=should_cancel))
+
+    if measured:
+        with stage("evaluation_dense", what=measured):
+            evaluate("dense")
+
+    with stage("pruning", total=num_blocks):
         def block_done(done: int, total: int) -> None:
             on_progress(Progress("pruning", done, total, f"Pruned block {done} of {total}."))
 
-        prune_sequential(model, blocks, method, spec.sparsity, spec.pattern, calibration, CALIBRATION_BATCH,
-                         on_block=block_done, should_cancel=should_cancel)
+        # Offloading: the model stays on the CPU and each block visits the device in turn.
+        unused = prune_towers(model, plan, method, spec.pattern, calibration, CALIBRATION_BATCH,
+                              on_block=block_done, should_cancel=should_cancel,
+                              device=device if spec.offload else None)
 
-    if evaluation is not None:
-        with stage("evaluation_pruned"):
-            ppl["pruned"] = _finite(perplexity(model, evaluation, EVALUATION_BATCH, should_cancel))
+    if measured:
+        with stage("evaluation_pruned", what=measured):
+            evaluate("pruned")
 
+    # Reported sparsity covers the layers pruned; layers calibration never reached were left dense.
+    layer_names = [name for tower, _ in plan for name in tower_layers(tower) if name not in unused]
     sparsity = sparsity_report(model, layer_names)
     with stage("saving"):
-        save_pretrained_folder(model, loaded.tokenizer, output_dir)
+        save_pretrained_folder(model, loaded.tokenizer, output_dir,
+                               source=loaded.path if loaded.source == "hf" else None)
 
     metrics: dict[str, Any] = {
-        "sparsity": {"target": spec.sparsity, "achieved": round(sparsity["achieved"], 6),
-                     "per_layer": {name: round(value, 6) for name, value in sparsity["per_layer"].items()}},
+        "sparsity": {"target": _overall_target(plan, sparsity["layers"]), "achieved": round(sparsity["achieved"], 6),
+                     "per_layer": {name: round(value, 6) for name, value in sparsity["per_layer"].items()},
+                     "per_tower": _per_tower(model, towers, unused),
+                     "targets": {tower.name: value for tower, value in plan}},
         **({"perplexity": ppl} if ppl else {}),
+        **({"accuracy": accuracy} if accuracy else {}),
         "timings_s": timings,
         "peak_memory_mb": memory.peak_mb(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -114,29 +147,54 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         "layers": sparsity["layers"],
         "num_prunable_parameters": sparsity["num_prunable_parameters"],
         "spec": _plain(asdict(spec)),
-        "model": {"source": loaded.source, "num_blocks": len(blocks),
-                  "dtype": str(next(model.parameters()).dtype)},
+        "model": {"source": loaded.source, "family": multimodal.family(model), "num_blocks": num_blocks,
+                  "dtype": str(next(model.parameters()).dtype),
+                  "towers": [{"name": t.name, "module": t.prefix, "num_blocks": len(t.blocks),
+                              "pruned": any(t is planned for planned, _ in plan)} for t in towers]},
+        "unused_layers": unused,
         "data": dataset_info,
         "environment": _environment(device, memory),
     }
     return Result(output_dir=output_dir, metrics=metrics, report=report)
 
 
-def _windows(spec: PruneSpec, calibrate: bool,
-             tokenizer: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-    """Calibration windows (when the method needs them) and evaluation windows, from one token stream."""
-    cal, ev = spec.calibration, spec.evaluation
-    tokens = data.token_stream(cal.dataset, tokenizer)
-    calibration = evaluation = None
-    if calibrate:
-        calibration = data.calibration_windows(tokens, cal.num_samples, cal.seq_len, cal.seed)
-    if ev.perplexity:
-        evaluation = data.evaluation_windows(tokens, ev.num_samples, ev.seq_len)
-    # Calibration starts in the second half of the tokens: a longer evaluation reaches into it.
-    overlap = (calibration is not None and evaluation is not None
-               and evaluation.numel() > tokens.numel() // 2)
-    return calibration, evaluation, {"dataset": cal.dataset, "num_tokens": tokens.numel(),
-                                     "evaluation_overlaps_calibration": overlap}
+def _zero_shot(spec: PruneSpec, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any]) -> bool:
+    """Whether this job measures zero-shot accuracy; why not goes into the report when it was asked for."""
+    if not (spec.evaluation.accuracy and multimodal.measures_accuracy(model)):
+        return False
+    if tokenizer is None:
+        info["accuracy_skipped"] = "the model folder has no tokenizer to encode the digit prompts"
+        return False
+    info["accuracy_dataset"] = ACCURACY_DATASET
+    return True
+
+
+def _check_targets(spec: PruneSpec) -> None:
+    """What can be checked before loading; which towers the model has is checked once it is loaded."""
+    for name, value in (spec.targets or {}).items():
+        if name not in TOWERS:
+            raise JobError("invalid_spec", f"targets has an unknown tower {name!r}; towers: {', '.join(TOWERS)}.")
+        if not 0.0 < value < 1.0:
+            raise JobError("invalid_spec", f"targets[{name!r}] must be between 0 and 1 (exclusive); got {value}.")
+        nm = parse_pattern(spec.pattern)  # _check has already refused unknown patterns
+        if nm is not None and not math.isclose(value, 1 - nm[0] / nm[1], abs_tol=1e-9):
+            raise JobError("invalid_spec", f"Pattern {spec.pattern} fixes sparsity at {1 - nm[0] / nm[1]:g}; "
+                                           f"got targets[{name!r}] = {value}.")
+
+
+def _overall_target(plan: list[tuple[Tower, float]], layers: list[dict[str, Any]]) -> float:
+    """The towers' targets weighted by their pruned weights: what `achieved` is measured against."""
+    target_of = {layer: value for tower, value in plan for layer in tower_layers(tower)}
+    numel = sum(layer["numel"] for layer in layers)
+    if not numel:
+        return plan[0][1] if plan else 0.0
+    return round(sum(target_of[layer["name"]] * layer["numel"] for layer in layers) / numel, 6)
+
+
+def _per_tower(model: torch.nn.Module, towers: list[Tower], unused: list[str]) -> dict[str, float]:
+    """Achieved sparsity of every tower, pruned or not (an untargeted tower shows 0.0: it stayed dense)."""
+    return {tower.name: round(sparsity_report(model, [n for n in tower_layers(tower) if n not in unused])
+                              ["achieved"], 6) for tower in towers}
 
 
 def _environment(device: torch.device, memory: _PeakMemory) -> dict[str, Any]:
@@ -154,9 +212,15 @@ def _environment(device: torch.device, memory: _PeakMemory) -> dict[str, Any]:
 def _check(spec: PruneSpec) -> None:
     if not 0.0 < spec.sparsity < 1.0:
         raise JobError("invalid_spec", f"Sparsity must be between 0 and 1 (exclusive); got {spec.sparsity}.")
-    if spec.pattern != UNSTRUCTURED:
-        raise JobError("unsupported_pattern",
-                       f"Pattern {spec.pattern!r} is not available yet; use {UNSTRUCTURED!r}.")
+    try:
+        nm = parse_pattern(spec.pattern)
+    except ValueError:
+        raise JobError("unsupported_pattern", f"Pattern {spec.pattern!r} is not available; use 'unstructured' "
+                                              "or N:M such as '2:4' or '4:8'.") from None
+    # An N:M pattern prunes exactly m - n of every m weights: a different target could never be met.
+    if nm is not None and not math.isclose(spec.sparsity, 1 - nm[0] / nm[1], abs_tol=1e-9):
+        raise JobError("invalid_spec", f"Pattern {spec.pattern} fixes sparsity at {1 - nm[0] / nm[1]:g}; "
+                                       f"got {spec.sparsity}.")
 
 
 def _finite(value: float) -> float | None:

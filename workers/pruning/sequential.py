@@ -1,44 +1,76 @@
-"""The block-by-block driver (as in Wanda and SparseGPT): capture block 0's inputs, then for each block
-gather statistics with hooks, prune its Linears, and re-run the pruned block to feed the next one.
+"""The block-by-block driver (as in Wanda and SparseGPT), tower by tower: capture a tower's first-block
+inputs, then for each block gather statistics with hooks, prune its layers, and re-run the pruned block to
+feed the next one.
 
-Only one block's activations are alive at a time: a single [num_samples, seq_len, hidden] tensor that
-each block's outputs overwrite in place.
+Only one block's activations are alive at a time: a single [num_samples, tokens, hidden] tensor that each
+block's outputs overwrite in place. With an offload device, the model stays where it is (the CPU) and only
+the block being worked on, and the captured activations, live on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from workers.pruning.methods import Method
-from workers.pruning.models import block_linears
+from workers.pruning.models import Tower, block_linears, method_view, weight_matrix
 from workers.pruning.spec import JobCancelled
 
 
 class _StopForward(Exception):
-    """Raised from block 0's pre-hook: nothing after the first block needs to run during capture."""
+    """Raised from the first block's pre-hook: nothing after it needs to run during capture."""
 
 
 def _never() -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """Calibration inputs of a whole model: batch-first tensors plus fixed keyword arguments of its forward."""
+
+    tensors: dict[str, torch.Tensor]  # e.g. input_ids [n, seq], pixel_values [n, 3, h, w]
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. use_cache=False
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def batches(self, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+        for start in range(0, self.num_samples, batch_size):
+            yield {**{name: tensor[start:start + batch_size].to(device) for name, tensor in self.tensors.items()},
+                   **self.options}
+
+
+def as_inputs(windows: torch.Tensor | ModelInputs) -> ModelInputs:
+    """Token windows [n, seq_len] are a causal LM's inputs; anything richer comes as ModelInputs already."""
+    if isinstance(windows, ModelInputs):
+        return windows
+    return ModelInputs({"input_ids": windows}, {"use_cache": False})
+
+
 # What a block receives besides its hidden states, per batch: extra positional and keyword arguments.
 BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor,
-                         batch_size: int) -> tuple[torch.Tensor, list[BlockArgs]]:
-    """Hidden states entering the first block for every window, and the other arguments of each batch.
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor | ModelInputs,
+                         batch_size: int,
+                         device: torch.device | None = None) -> tuple[torch.Tensor, list[BlockArgs]]:
+    """Hidden states entering the first block for every sample, and the other arguments of each batch.
 
-    The other arguments (attention mask, position ids, rotary embeddings...) are whatever the model
-    passes, captured as they come, so no model family needs special-casing here.
+    The whole model runs forward until it calls first_block, so a tower's inputs are whatever the model
+    makes of the calibration data (LLaVA's merged image and text embeddings, BLIP-2's Q-Former outputs...).
+    The other arguments (attention mask, position ids, rotary embeddings...) are captured as they come, so
+    no model family needs special-casing here. Both end up on `device` (default: the model's device).
     """
-    device = next(model.parameters()).device
+    inputs = as_inputs(windows)
+    model_device = next(model.parameters()).device
+    device = device or model_device
     hidden: torch.Tensor | None = None
     batch_args: list[BlockArgs] = []
     offset = 0
@@ -48,22 +80,33 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
         if hidden is None:
-            hidden = states.new_empty((windows.shape[0], *states.shape[1:]))
+            hidden = states.new_empty((inputs.num_samples, *states.shape[1:]), device=device)
         hidden[offset:offset + states.shape[0]] = states
-        batch_args.append((tuple(args[1:]), kwargs))
+        batch_args.append((_to(tuple(args[1:]), device), _to(kwargs, device)))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in windows.split(batch_size):
+        for batch in inputs.batches(batch_size, model_device):
             with contextlib.suppress(_StopForward):
-                model(batch.to(device), use_cache=False)
-            offset += batch.shape[0]
+                model(**batch)
+            offset += next(iter(batch.values())).shape[0]
     finally:
         handle.remove()
     if hidden is None:
         raise RuntimeError("the model never called its first block")
     return hidden, batch_args
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) tuples, lists and dicts moved to device; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, batch_args: list[BlockArgs], batch_size: int,
@@ -75,40 +118,101 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, batch_args: list[BlockArg
             hidden[start:start + batch_size] = out[0] if isinstance(out, tuple) else out
 
 
+@contextlib.contextmanager
+def _on(block: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """The block on `device` for the duration, then back where it was (a no-op without offloading)."""
+    home = next(block.parameters()).device
+    if device is None or device == home:
+        yield
+        return
+    # Moved outside inference mode: parameters created inside it could never take part in autograd again.
+    with torch.inference_mode(False), torch.no_grad():
+        block.to(device)
+    try:
+        yield
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            block.to(home)
+
+
 def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sparsity: float, pattern: str,
-                     windows: torch.Tensor | None, batch_size: int = 1,
+                     windows: torch.Tensor | ModelInputs | None, batch_size: int = 1,
                      on_block: Callable[[int, int], None] | None = None,
-                     should_cancel: Callable[[], bool] = _never) -> None:
-    """Prunes every Linear of every block in place. windows may be None for methods without statistics."""
+                     should_cancel: Callable[[], bool] = _never,
+                     device: torch.device | None = None) -> list[str]:
+    """Prunes every layer of every block in place; windows may be None for methods without statistics.
+
+    With `device` (offloading), each block visits the device for its statistics, pruning and propagation.
+    Returns the layers (as "<block index>.<name>") left dense because calibration never reached them,
+    e.g. BLIP-2 Q-Former text-only sublayers, which image queries alone never run.
+    """
+    unused: list[str] = []
     with torch.inference_mode():
         hidden: torch.Tensor | None = None
         batch_args: list[BlockArgs] = []
         if method.new_stats is not None:
             if windows is None:
                 raise ValueError(f"{method.name} needs calibration windows")
-            hidden, batch_args = capture_block_inputs(model, blocks[0], windows, batch_size)
+            hidden, batch_args = capture_block_inputs(model, blocks[0], windows, batch_size, device)
         for index, block in enumerate(blocks):
             if should_cancel():
                 raise JobCancelled(f"cancelled before block {index}")
-            linears = block_linears(block)
-            stats = ({} if hidden is None
-                     else _gather_stats(block, linears, method, hidden, batch_args, batch_size))
-            for name, layer in linears.items():
-                pruned = method.prune(layer.weight.data, stats.get(name), sparsity, pattern)
-                # copy_ keeps the Parameter an ordinary tensor: assigning one made in inference mode would not
-                layer.weight.data.copy_(pruned)
-            if hidden is not None and index + 1 < len(blocks):
-                _run_block(block, hidden, batch_args, batch_size, write_back=True)
+            with _on(block, device):
+                linears = block_linears(block)
+                stats = ({} if hidden is None
+                         else _gather_stats(block, linears, method, hidden, batch_args, batch_size))
+                for name, layer in linears.items():
+                    if hidden is not None and name not in stats:
+                        unused.append(f"{index}.{name}")
+                        continue
+                    # copy_ keeps the Parameter an ordinary tensor: one made in inference mode would not be
+                    weight = weight_matrix(layer)
+                    weight.copy_(method.prune(weight, stats.get(name), sparsity, pattern))
+                if hidden is not None and index + 1 < len(blocks):
+                    _run_block(block, hidden, batch_args, batch_size, write_back=True)
             if on_block is not None:
                 on_block(index + 1, len(blocks))
+    return unused
 
 
-def _gather_stats(block: nn.Module, linears: dict[str, nn.Linear], method: Method, hidden: torch.Tensor,
+def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: Method, pattern: str,
+                 inputs: torch.Tensor | ModelInputs | None, batch_size: int = 1,
+                 on_block: Callable[[int, int], None] | None = None,
+                 should_cancel: Callable[[], bool] = _never,
+                 device: torch.device | None = None) -> list[str]:
+    """Prunes each (tower, sparsity) in order, each tower calibrated on the outputs of the towers pruned
+    before it. on_block counts blocks over all towers together. Returns the full names of unused layers."""
+    total = sum(len(tower.blocks) for tower, _ in plan)
+    done = 0
+    unused: list[str] = []
+
+    def block_done(_index: int, _of: int) -> None:
+        nonlocal done
+        done += 1
+        if on_block is not None:
+            on_block(done, total)
+
+    for tower, sparsity in plan:
+        skipped = prune_sequential(model, tower.blocks, method, sparsity, pattern, inputs, batch_size,
+                                   block_done, should_cancel, device)
+        unused.extend(f"{tower.prefix}.{name}" for name in skipped)
+    return unused
+
+
+def _gather_stats(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
                   batch_args: list[BlockArgs], batch_size: int) -> dict[str, Any]:
+    """Statistics of every layer the calibration data reaches; a layer never called gets no entry."""
     assert method.new_stats is not None
-    stats = {name: method.new_stats(layer) for name, layer in linears.items()}
-    handles = [layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-               for name, layer in linears.items()]
+    stats: dict[str, Any] = {}
+
+    def hook(name: str, layer: nn.Module) -> Callable[..., None]:
+        def add(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            if name not in stats:
+                stats[name] = method.new_stats(method_view(layer))  # type: ignore[misc]
+            stats[name].add(args[0])
+        return add
+
+    handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
     try:
         _run_block(block, hidden, batch_args, batch_size, write_back=False)
     finally:

@@ -9,9 +9,14 @@ from typing import Any
 STAGES = ("loading", "calibration", "evaluation_dense", "pruning", "evaluation_pruned", "saving")
 
 
+DEFAULT_CALIBRATION_DATASET = "builtin:wiki-en"
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
-    dataset: str = "builtin:wiki-en"  # or a path to a local .txt / .jsonl (field "text") file
+    # builtin:wiki-en | builtin:digits (image-text) | a local .txt / .jsonl (field "text") / image-text .zip path.
+    # A CLIP model left at the default calibrates on builtin:digits instead (multimodal.calibration_dataset).
+    dataset: str = DEFAULT_CALIBRATION_DATASET
     num_samples: int = 64
     seq_len: int = 512
     seed: int = 0
@@ -19,7 +24,10 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    perplexity: bool = True
+    perplexity: bool = True  # causal LMs, LLaVA and BLIP-2 (their language model, on text alone)
+    # CLIP-style models: zero-shot accuracy on the held-out split of builtin:digits (its ten digit prompts).
+    # A flag of its own rather than reusing `perplexity`: a job may want one measurement without the other.
+    accuracy: bool = True
     num_samples: int = 64  # evaluation windows
     seq_len: int = 512
 
@@ -27,12 +35,17 @@ class EvaluationSpec:
 @dataclass(frozen=True)
 class PruneSpec:
     model_dir: Path  # HF layout (config.json + *.safetensors + tokenizer) or a folder with exactly one .gguf
-    method: str  # "magnitude" | "wanda"
+    method: str  # "magnitude" | "wanda" | "sparsegpt"
     sparsity: float  # in (0, 1)
     pattern: str = "unstructured"
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     device: str = "cpu"  # "cpu" | "cuda" | "auto"
+    # Per-tower sparsity ({"vision": 0.5, "language": 0.7}); only the named towers are pruned. None: `sparsity`
+    # for every tower of DEFAULT_TOWERS the model has (vision and language; the Q-Former only when named).
+    targets: dict[str, float] | None = None
+    # Keep the model on the CPU and move one block at a time to `device` (models larger than the device).
+    offload: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from workers.pruning.methods import magnitude, wanda
+from workers.pruning.methods import magnitude, sparsegpt, wanda
 from workers.pruning.spec import JobError
 
 
@@ -45,9 +45,20 @@ def _wanda_prune(weight: torch.Tensor, stats: Stats | None, sparsity: float, pat
     return weight.masked_fill(~wanda.mask(weight, stats.norms(), sparsity, pattern), 0)
 
 
+def _sparsegpt_stats(layer: nn.Linear) -> sparsegpt.Hessian:
+    return sparsegpt.Hessian(layer.in_features, layer.weight.device)
+
+
+def _sparsegpt_prune(weight: torch.Tensor, stats: Stats | None, sparsity: float, pattern: str) -> torch.Tensor:
+    if not isinstance(stats, sparsegpt.Hessian) or stats.tokens == 0:
+        raise RuntimeError("sparsegpt needs input statistics from at least one calibration token")
+    return sparsegpt.prune(weight, stats.matrix, sparsity, pattern)
+
+
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", None, _magnitude_prune),
     "wanda": Method("wanda", _wanda_stats, _wanda_prune),
+    "sparsegpt": Method("sparsegpt", _sparsegpt_stats, _sparsegpt_prune),
 }
 
 

@@ -1,0 +1,73 @@
+"""A worker's hold on one job: the lease row in the database, a heartbeat thread, and lease-checked writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import queries
+from app.db.session import session_scope
+
+log = logging.getLogger("prunekit.worker")
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now (this one was presumed dead): stop without writing anything."""
+
+
+def new_owner() -> str:
+    # One id per claim, not per process: a process that loses a job and claims it again is a new holder.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class Lease:
+    def __init__(self, job_id: str, owner: str, attempt: int, settings: Settings) -> None:
+        self.job_id, self.owner, self.attempt, self.settings = job_id, owner, attempt, settings
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(self.job_id)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction that first proves (and renews) the lease; nothing in it commits if the lease is gone."""
+        self.check()
+        with session_scope(self.settings) as session:
+            if not queries.touch_lease(session, self.job_id, self.owner, self.settings.job_lease_s):
+                self.lost.set()
+                raise LeaseLost(self.job_id)
+            yield session
+
+    def _beat(self) -> None:
+        # Three beats per lease: one slow or failed beat (a database blip) does not lose the job.
+        interval = self.settings.job_lease_s / 3
+        while not self._stop.wait(interval):
+            try:
+                with session_scope(self.settings) as session:
+                    held = queries.touch_lease(session, self.job_id, self.owner, self.settings.job_lease_s)
+            except Exception as exc:
+                log.warning("heartbeat of %s failed (retrying): %s", self.job_id, exc)
+                continue
+            if not held:
+                log.warning("lease of %s lost: another worker took the job over", self.job_id)
+                self.lost.set()
+                return

@@ -1,0 +1,118 @@
+"""The reconciler: the database is the source of truth, so it re-sends what the broker may have lost.
+
+It re-enqueues jobs `queued` in the database whose message may be gone (a broker restart without persistence,
+a failed send from the API), and jobs `running` whose lease expired (their worker stopped heartbeating). It
+never runs a job itself: the runner's claim decides, so a duplicate message is harmless.
+
+Every worker process runs it, at start-up and then every `reconcile_interval_s`, in a daemon thread of its own.
+Why a thread rather than celery beat (-B): beat would deliver its ticks through the very broker whose losses
+this repairs, needs a schedule file and one beat per deployment, while a thread behaves the same on Redis and
+on the embedded `sqla+sqlite` broker. Several workers reconciling at once is safe: each re-send is a
+compare-and-set on `enqueued_at`, so one of them sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from app.config import Settings
+from app.db import queries
+from app.db.models import Job, utcnow
+from app.db.session import session_scope
+from app.queue import enqueue_job, enqueue_webhook
+
+log = logging.getLogger("prunekit.reconcile")
+
+# A job waiting long in a busy queue is re-sent ever more rarely (its message is most likely still there),
+# so duplicates stay few; at most this many reconcile intervals apart.
+MAX_BACKOFF_INTERVALS = 10
+
+
+@dataclass(frozen=True)
+class Report:
+    resent: list[str]
+    cancelled: list[str]
+
+
+def resend_due(job: queries.Unsent, now: datetime, base_s: float) -> bool:
+    """Never sent since it became runnable: now. Otherwise after a gap that doubles with the time it has waited
+    (base, 2 base, 4 base, ...) up to MAX_BACKOFF_INTERVALS * base."""
+    if job.enqueued_at is None or job.enqueued_at < job.since:
+        return True
+    waited = (job.enqueued_at - job.since).total_seconds()
+    gap = min(max(base_s, waited), MAX_BACKOFF_INTERVALS * base_s)
+    return (now - job.enqueued_at).total_seconds() >= gap
+
+
+def reconcile_once(settings: Settings) -> Report:
+    now = utcnow()
+    base_s = settings.reconcile_interval_s
+    with session_scope(settings) as session:
+        candidates = queries.jobs_to_resend(session, now - timedelta(seconds=base_s), now)
+    resent, cancelled = [], []
+    for job in candidates:
+        if job.status == "cancel_requested":
+            if _cancel(job.id, settings):
+                cancelled.append(job.id)
+        elif resend_due(job, now, base_s) and _resend(job, now, settings):
+            resent.append(job.id)
+    if resent or cancelled:
+        log.info("reconciled: re-sent %d job(s) %s, cancelled %d abandoned", len(resent), resent, len(cancelled))
+    return Report(resent, cancelled)
+
+
+def _resend(job: queries.Unsent, now: datetime, settings: Settings) -> bool:
+    with session_scope(settings) as session:
+        if not queries.mark_enqueued(session, job.id, job.enqueued_at, now):
+            return False  # another worker's reconciler (or the runner) sent it just now
+    try:
+        enqueue_job(settings, job.id, sent_at=now)
+    except Exception as exc:
+        log.warning("could not re-send %s (next round retries): %s", job.id, exc)
+        with session_scope(settings) as session:
+            queries.mark_enqueued(session, job.id, now, job.enqueued_at)
+        return False
+    return True
+
+
+def _cancel(job_id: str, settings: Settings) -> bool:
+    with session_scope(settings) as session:
+        if not queries.cancel_abandoned(session, job_id):
+            return False
+        job = session.get(Job, job_id)
+        has_webhook = job is not None and bool(job.request.get("webhook"))
+    if has_webhook:
+        try:
+            enqueue_webhook(settings, job_id, "cancelled")
+        except Exception as exc:
+            log.warning("could not enqueue the webhook of %s: %s", job_id, exc)
+    return True
+
+
+class Reconciler:
+    """The periodic loop; one per worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prunekit-reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                reconcile_once(self.settings)
+            except Exception as exc:  # the database or broker is down: try again next round
+                log.warning("reconcile failed (retrying in %.0f s): %s", self.settings.reconcile_interval_s, exc)
+            if self._stop.wait(self.settings.reconcile_interval_s):
+                return
