@@ -10,47 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-MODEL_DIR = ROOT / "var" / "bench" / "models" / "smollm2-135m"
+from common import (
+    MODEL_DIR,
+    RESULTS_DIR,
+    ROOT,
+    cpu_model,
+    dense_forward_s,
+    ensure_model,
+    git_commit,
+    peak_rss_mb,
+    write_json,
+)
+
 CONFIGS = [{"method": "dense"}, {"method": "magnitude", "sparsity": 0.5}, {"method": "wanda", "sparsity": 0.5}]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def dense_forward_s(samples: int, seq_len: int) -> float:
-    """The baseline: one dense forward pass over the calibration windows, batch 4 as the engine uses."""
-    import torch
-
-    from workers.pruning import data
-    from workers.pruning.models import load_model
-
-    loaded = load_model(MODEL_DIR, "cpu")
-    tokens = data.token_stream("builtin:wiki-en", loaded.tokenizer)
-    windows = data.calibration_windows(tokens, samples, seq_len, 0)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(windows), 4):
-            loaded.model(windows[i:i + 4])
-    return time.perf_counter() - start
 
 
 def run_one(config: dict[str, Any], samples: int, seq_len: int, eval_samples: int) -> dict[str, Any]:
@@ -82,10 +60,7 @@ def main() -> int:
         print(json.dumps(run_one(json.loads(args.one), samples, 512, eval_samples)))
         return 0
 
-    if not MODEL_DIR.exists():
-        from workers.pruning.demo_models import import_smollm2
-
-        import_smollm2(MODEL_DIR)
+    ensure_model()
     rows = []
     for config in CONFIGS:
         cmd = [sys.executable, __file__, "--one", json.dumps(config)] + (["--quick"] if args.quick else [])
@@ -96,15 +71,14 @@ def main() -> int:
     for row in rows[1:]:
         row["dense_forward_s"] = baseline
         row["prune_over_dense_forward"] = round(row["prune_s"] / baseline, 2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = git_commit()
     result = {"protocol": "smollm2-135m / builtin:wiki-en (../shared/benchmark-protocol.md)",
               "calibration": {"num_samples": samples, "seq_len": 512}, "evaluation": {"num_samples": eval_samples,
                                                                                       "seq_len": 512},
               "cpu": cpu_model(), "threads": os.cpu_count(), "commit": commit,
               "rows": rows}
-    dest = ROOT / "bench" / "results" / ("main-job-quick.json" if args.quick else "main-job.json")
-    dest.write_text(json.dumps(result, indent=2) + "\n")
+    dest = RESULTS_DIR / ("main-job-quick.json" if args.quick else "main-job.json")
+    write_json(dest, result)
     print(f"wrote {dest}")
     return 0
 

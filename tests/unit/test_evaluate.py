@@ -29,3 +29,15 @@ def test_sparsity_report_counts_zeros_per_layer() -> None:
     assert report["num_zeros"] == 43 * 172 and report["num_prunable_parameters"] == 2 * 64 * 172
     assert report["layers"][1] == {"name": names[1], "shape": [172, 64], "numel": 172 * 64, "zeros": 43 * 172,
                                    "sparsity": 43 / 64, "block": 1}
+
+
+def test_perplexity_taken_a_few_positions_at_a_time_is_the_same(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from workers.pruning import evaluate
+
+    model = tiny_llama_from_config()
+    whole = perplexity(model, WINDOWS, batch_size=2)
+    # 300 elements per chunk at vocab 256 and batch 2: one position per chunk, 23 chunks per window.
+    monkeypatch.setattr(evaluate, "_LOSS_CHUNK_ELEMENTS", 300)
+    assert math.isclose(perplexity(model, WINDOWS, batch_size=2), whole, rel_tol=1e-6)
+    monkeypatch.setattr(evaluate, "_LOSS_CHUNK_ELEMENTS", 256 * 2 * 7)  # uneven: 7 positions, then the rest
+    assert math.isclose(perplexity(model, WINDOWS, batch_size=2), whole, rel_tol=1e-6)

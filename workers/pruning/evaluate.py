@@ -13,9 +13,11 @@ from torch import nn
 
 from workers.pruning.spec import JobCancelled
 
-# Logits are [batch, seq_len, vocab] in fp32: the batch is capped so they stay near 256 MB
-# (SmolLM2 at 512 tokens: 2 windows).
-_LOGITS_BUDGET = 64 * 2**20
+# Logits are [batch, seq_len, vocab] in fp32: the batch is capped so they stay near 128 MB (SmolLM2 at 512
+# tokens: 1 window), and the loss is taken a few positions at a time, so neither a contiguous copy of the
+# shifted logits nor a full log-softmax of them is ever made: evaluation no longer sets a job's peak memory.
+_LOGITS_BUDGET = 32 * 2**20
+_LOSS_CHUNK_ELEMENTS = 4 * 2**20
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -35,13 +37,24 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
             if should_cancel():
                 raise JobCancelled("cancelled during evaluation")
             ids = batch.to(device)
-            logits = model(ids, use_cache=False).logits[:, :-1]
-            targets = ids[:, 1:]
-            flat = logits.reshape(-1, logits.shape[-1]).float()
-            nll = F.cross_entropy(flat, targets.reshape(-1), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += targets.numel()
+            logits = model(ids, use_cache=False).logits
+            total_nll += _next_token_nll(logits, ids)
+            total_tokens += ids.shape[0] * (ids.shape[1] - 1)
+            del logits
     return math.exp(total_nll / total_tokens)
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Sum over positions t < T-1 of -log p(ids[t+1] | ids[..t]), a slice of positions at a time."""
+    seq_len, vocab = logits.shape[1], logits.shape[2]
+    step = max(1, _LOSS_CHUNK_ELEMENTS // (logits.shape[0] * vocab))
+    total = 0.0
+    for start in range(0, seq_len - 1, step):
+        stop = min(start + step, seq_len - 1)
+        chunk = logits[:, start:stop].float()
+        total += float(F.cross_entropy(chunk.reshape(-1, vocab), ids[:, start + 1:stop + 1].reshape(-1),
+                                       reduction="sum"))
+    return total
 
 
 def sparsity_report(model: nn.Module, layer_names: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""Markdown tables from benchmark results, for pasting into bench/README.md.
+
+    python bench/summarise.py                      # every bench/results/*.json
+    python bench/summarise.py bench/results/quality-smollm2-quick.json
+
+A results file is either a list of rows or an object with "rows" (main-job.json); a column appears when any row
+of the file has its key, so every benchmark's results print with the same script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS_DIR
+
+
+def _num(digits: int) -> Callable[[Any], str]:
+    return lambda value: f"{value:.{digits}f}"
+
+
+def _yes_no(value: Any) -> str:
+    return "yes" if value else "**no**"
+
+
+# (key, header, format): the order columns appear in.
+COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("config", "config", str),
+    ("method", "method", str),
+    ("pattern", "pattern", str),
+    ("sparsity", "target", _num(2)),
+    ("achieved_sparsity", "achieved", _num(6)),
+    ("perplexity", "perplexity", _num(2)),
+    ("dense_perplexity", "dense ppl", _num(2)),
+    ("prune_over_dense_forward", "prune / dense fwd", lambda v: f"{v:.2f}x"),
+    ("peak_rss_mb", "peak RSS MB", _num(0)),
+    ("rss_bound_mb", "bound MB", _num(0)),
+    ("within_rss_bound", "within", _yes_no),
+    ("pruning_peak_rss_mb", "pruning-stage RSS MB", _num(0)),
+    ("pruning_within_rss_bound", "within", _yes_no),
+]
+# Facts shared by the rows of a file, printed once under its table rather than in every row.
+SHARED = ["protocol", "calibration", "evaluation", "cpu", "threads", "torch", "commit"]
+
+
+def rows_of(value: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, file-level facts): a list is all rows; an object holds its rows under "rows"."""
+    if isinstance(value, list):
+        return value, {}
+    return list(value.get("rows", [])), {key: item for key, item in value.items() if key != "rows"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    columns = [column for column in COLUMNS if any(row.get(column[0]) is not None for row in rows)]
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [("" if row.get(key) is None else fmt(row[key])) for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def shared_facts(rows: list[dict[str, Any]], facts: dict[str, Any]) -> list[str]:
+    """One line per fact; a fact that differs between rows is listed with all its values (a warning sign)."""
+    lines = []
+    for key in SHARED:
+        values = {json.dumps(row[key], sort_keys=True) for row in rows if key in row}
+        if key in facts:
+            values.add(json.dumps(facts[key], sort_keys=True))
+        if values:
+            lines.append(f"- {key}: " + "; ".join(_plain(json.loads(value)) for value in sorted(values)))
+    return lines
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {item}" for key, item in value.items())
+    return str(value)
+
+
+def summarise(path: Path) -> str:
+    rows, facts = rows_of(json.loads(path.read_text()))
+    return "\n".join([f"### {path.name}", "", table(rows), "", *shared_facts(rows, facts)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", type=Path, help="results files (default: bench/results/*.json)")
+    args = parser.parse_args()
+    files = args.files or sorted(RESULTS_DIR.glob("*.json"))
+    print("\n\n".join(summarise(path) for path in files))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
