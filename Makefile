@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-quality clean
+.PHONY: install run test lint bench bench-quality bench-load clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: install
 # (or "--append" to resume, "--only wanda-0.5,sparsegpt-2:4").
 bench-quality: install
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)
+
+# The API under 20 concurrent clients on Postgres + Redis (both must be running locally); about a minute.
+bench-load: install
+	$(BIN)/python bench/load.py $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
