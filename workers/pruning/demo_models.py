@@ -27,12 +27,13 @@ TINY_TOKENIZER_CHARS = 200_000
 EOS = "<|endoftext|>"
 
 
-def build_tiny_llama(dest: Path, seed: int = 0) -> None:
-    """A 2-layer LlamaForCausalLM with seeded random weights and a BPE tokenizer trained on wiki-en."""
+def build_tiny_llama(dest: Path, seed: int = 0, layers: int = 2) -> None:
+    """A LlamaForCausalLM (2 layers unless told) with seeded random weights and a BPE tokenizer trained on
+    wiki-en."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(**_tiny_decoder(tokenizer), tie_word_embeddings=False)
+    config = LlamaConfig(**{**_tiny_decoder(tokenizer), "num_hidden_layers": layers}, tie_word_embeddings=False)
     _save_seeded(dest, lambda: LlamaForCausalLM(config), tokenizer, seed)
 
 
@@ -167,7 +168,7 @@ def _save_seeded(dest: Path, make: Callable[[], Any], tokenizer: Any, seed: int,
         if image_processor is not None:
             image_processor.save_pretrained(tmp)
 
-    _write_atomically(dest, write)
+    write_atomically(dest, write)
 
 
 def _tiny_tokenizer(*extra_special: str) -> Any:
@@ -206,7 +207,7 @@ def _train_tokenizer(text: str) -> Any:
 def import_gguf(gguf_path: Path, dest: Path) -> None:
     """A GGUF file (dequantised to fp32) saved as an HF folder of safetensors weights and its tokenizer."""
     loaded = load_gguf(gguf_path)
-    _write_atomically(dest, lambda tmp: save_pretrained_folder(loaded.model, loaded.tokenizer, tmp))
+    write_atomically(dest, lambda tmp: save_pretrained_folder(loaded.model, loaded.tokenizer, tmp))
 
 
 def smollm2_gguf_path() -> Path:
@@ -222,7 +223,7 @@ def import_smollm2(dest: Path) -> None:
     import_gguf(smollm2_gguf_path(), dest)
 
 
-def _write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary folder

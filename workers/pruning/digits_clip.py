@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,6 +30,7 @@ from workers.pruning.clip_tokenizer import (
     build_clip_tokenizer,
     save_clip_tokenizer,
 )
+from workers.pruning.demo_models import write_atomically
 from workers.pruning.images import CLIP_MEAN, CLIP_STD, digit_prompts, digits_split, pixel_values
 
 FINGERPRINT_FILE = "digits_clip.fingerprint.json"
@@ -67,7 +65,7 @@ def build_digits_clip(dest: Path, recipe: Recipe = Recipe(),
     if _cached_fingerprint(dest) == fingerprint:
         return False
     model = train_digits_clip(recipe, log)
-    _write_atomically(dest, lambda tmp: _save(model, recipe, fingerprint, tmp))
+    write_atomically(dest, lambda tmp: _save(model, recipe, fingerprint, tmp))
     return True
 
 
@@ -213,18 +211,3 @@ def _cached_fingerprint(dest: Path) -> str | None:
     if not (dest / "model.safetensors").is_file() or not isinstance(record, dict):
         return None
     return record.get("fingerprint")
-
-
-def _write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
-    # demo_models has the same helper; it is repeated here so this module does not depend on a file in flux.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

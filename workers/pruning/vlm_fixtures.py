@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from workers.pruning.demo_models import IMAGE_TOKEN, _write_atomically
+from workers.pruning.demo_models import IMAGE_TOKEN, write_atomically
 from workers.pruning.images import CLIP_MEAN, CLIP_STD
 from workers.pruning.models import save_pretrained_folder
 
@@ -50,7 +50,7 @@ def build_llava_smollm2(dest: Path, language_dir: Path, vision_dir: Path | None 
         processor.save_pretrained(tmp)
         (tmp / FIXTURE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
-    _write_atomically(dest, write)
+    write_atomically(dest, write)
 
 
 def _vision_tower(vision_dir: Path | None) -> tuple[Any, dict[str, torch.Tensor] | None]:
