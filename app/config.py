@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 30.0
     # Jobs of one tenant running at once; more wait `queued` and are claimed as slots free up.
     max_running_jobs_per_tenant: int = 2
+    # A job saves its progress to the artifact store every this many pruned blocks (0: never), so that a job
+    # taken over after a crash resumes from its last saved block instead of starting again.
+    checkpoint_every_blocks: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

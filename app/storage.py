@@ -16,6 +16,7 @@ class ArtifactStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> list[str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
+    def delete(self, key: str) -> None: ...  # one file; no error when it is not there
 
 
 def safe_key(key: str) -> str:
@@ -58,6 +59,9 @@ class LocalStore:
         for key in keys:
             self.path_for(key).unlink(missing_ok=True)
         return len(keys)
+
+    def delete(self, key: str) -> None:
+        self.path_for(key).unlink(missing_ok=True)
 
 
 @dataclass
@@ -120,6 +124,9 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket,
                                        Delete={"Objects": [{"Key": self._full(k)} for k in chunk]})
         return len(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))  # S3 answers 204 for a missing key
 
     def presigned_url(self, key: str, filename: str, expires_s: int) -> str:
         return self.public_client.generate_presigned_url(

@@ -22,6 +22,7 @@ from app.ids import new_id
 from app.logs import current_job_id
 from app.queue import enqueue_job, enqueue_webhook
 from app.storage import S3Store, make_store, parse_s3_url
+from workers import checkpoints
 from workers.lease import Lease, LeaseLost, new_owner
 from workers.pruning.models import resolve_model_ref
 from workers.pruning.pipeline import run as run_pipeline
@@ -69,6 +70,7 @@ def _execute(job_id: str, settings: Settings, sent_at: datetime | None) -> None:
 
 def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
     job_id = lease.job_id
+    tenant_id: str | None = None
     try:
         with session_scope(settings) as session:
             job = session.get(Job, job_id)
@@ -78,7 +80,8 @@ def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
         spec = replace(spec, calibration=replace(
             spec.calibration, dataset=resolve_dataset(spec.calibration.dataset, tenant_id, settings, scratch)))
         result = run_pipeline(spec, scratch / "model", on_progress=lambda p: _record_progress(lease, p),
-                              should_cancel=lambda: _cancel_requested(lease))
+                              should_cancel=lambda: _cancel_requested(lease),
+                              checkpoint=checkpoints.checkpoint_for(lease, tenant_id, scratch / "checkpoint"))
         _name_dataset_as_submitted(result.report, request)
         _record_progress(lease, Progress("uploading", 0, 1, "Uploading the pruned model."))
         report_path = scratch / "report.json"
@@ -87,18 +90,29 @@ def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
                  if p.is_file()}
         files["report.json"] = report_path
         _publish(lease, tenant_id, files)
+        _drop_checkpoints(lease, tenant_id)
         _finish(lease, "succeeded", metrics=result.metrics, message=_summary(result.metrics))
     except JobCancelled:
         _finish(lease, "cancelled", message="Job cancelled; partial results were removed.")
         make_store(settings).delete_prefix(f"{tenant_id}/{job_id}")  # only once the lease proved it is ours
     except JobError as exc:
+        _drop_checkpoints(lease, tenant_id)
         _finish(lease, "failed", error={"code": exc.code, "message": exc.message}, message=exc.message)
     except LeaseLost:
         raise
     except Exception as exc:  # the worker must outlive any one job
         log.exception("job %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
+        _drop_checkpoints(lease, tenant_id)
         _finish(lease, "failed", error={"code": "internal_error", "message": message}, message=message)
+
+
+def _drop_checkpoints(lease: Lease, tenant_id: str | None) -> None:
+    """A job that ended needs its checkpoints no more; removed before its status says so, so that nobody sees
+    an ended job's files linger. Only while the lease holds: a successor may be resuming from them."""
+    lease.check()
+    if tenant_id is not None:
+        checkpoints.discard(lease.settings, tenant_id, lease.job_id)
 
 
 def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> PruneSpec:

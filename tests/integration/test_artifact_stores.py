@@ -42,6 +42,10 @@ def test_put_list_download_delete(store: LocalStore | S3Store, tmp_path: Path) -
     # A prefix is a folder: job_1's deletion leaves job_10 alone.
     assert store.list_keys("ten_a/job_1") == [] and store.list_keys("ten_a") == ["ten_a/job_10/report.json"]
 
+    store.delete("ten_a/job_10/report.json")
+    store.delete("ten_a/job_10/report.json")  # a missing key is no error
+    assert store.list_keys("ten_a") == []
+
 
 @pytest.mark.parametrize("key", ["../escape", "/abs/path", "a/../../b", "a//b", ""])
 def test_keys_cannot_climb_out(key: str) -> None:

@@ -307,6 +307,48 @@ def test_a_job_survives_its_worker_being_killed(make_service: Callable[..., Serv
     print(f"[{stack}] recovered and finished {time.monotonic() - killed_at:.1f} s after the kill")
 
 
+@pytest.fixture
+def tiny_llama_8(models_root: Path) -> str:
+    """An 8-block tiny Llama: enough blocks to be killed after a few and still have some to resume."""
+    from workers.pruning.demo_models import build_tiny_llama
+
+    if not (models_root / "tiny-llama-8").exists():
+        build_tiny_llama(models_root / "tiny-llama-8", layers=8)
+    return "local:tiny-llama-8"
+
+
+def test_a_killed_job_resumes_from_its_checkpoint_to_the_same_result(make_service: Callable[..., Service],
+                                                                     tiny_llama_8: str) -> None:
+    service = make_service()  # checkpoints on S3; the store contract tests cover the local folder's side
+    body = SLOW | {"model": tiny_llama_8, "calibration": {"num_samples": 64, "seq_len": 256}}
+    job_id = submit(service, body)
+    wait_for_status(service, [job_id], lambda j: (j["progress"] or {}).get("stage") == "pruning"
+                    and j["progress"]["done"] >= 2, 180, "two blocks pruned")
+    kill_process(service, "worker")
+    start_process(service, "worker2", "worker")
+    [job] = wait_for_status(service, [job_id], ended, 240, "the end of the resumed job")
+    assert job["status"] == "succeeded", job["error"]
+    events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    [resumed] = [e for e in events if e["message"].startswith("Resumed from block")]
+    assert resumed["data"]["tower"] == "language" and 2 <= resumed["data"]["block"] < 8, resumed
+    assert resumed["data"]["checkpoint_bytes"] > 64 * 256 * 64 * 4  # the saved hidden states and more
+    pruned = [e["data"]["done"] for e in events if e["message"].startswith("Pruned block")]
+    assert pruned[-(8 - resumed["data"]["block"]):] == list(range(resumed["data"]["block"] + 1, 9))
+    assert_one_set_of_artifacts(service, job_id)  # the checkpoints are gone with the job's end
+
+    # The same job never interrupted: the same files, bit for bit, and the same dense perplexity.
+    again = submit(service, body)
+    [uninterrupted] = wait_for_status(service, [again], ended, 240, "the end of the uninterrupted job")
+    assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
+    assert uninterrupted["metrics"]["perplexity"] == job["metrics"]["perplexity"]
+
+    def digests(job_id: str) -> dict[str, str]:
+        artifacts = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+        return {a["name"]: a["sha256"] for a in artifacts if a["name"] != "report.json"}  # it holds timings
+
+    assert digests(job_id) == digests(again) and "model.safetensors" in digests(job_id)
+
+
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
                "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
 

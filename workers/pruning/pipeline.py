@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from workers.pruning import multimodal
+from workers.pruning.checkpoint import Checkpoint, Resume, fingerprint
 from workers.pruning.evaluate import perplexity, sparsity_report
 from workers.pruning.methods import get_method
 from workers.pruning.models import (
@@ -56,7 +57,9 @@ def _never() -> bool:
 
 
 def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], None] = _ignore,
-        should_cancel: Callable[[], bool] = _never) -> Result:
+        should_cancel: Callable[[], bool] = _never, checkpoint: Checkpoint | None = None) -> Result:
+    """With a checkpoint, progress is saved after pruned blocks, and a run that finds the saved progress of
+    the same job (spec, model and data contents, device, versions) resumes from it, to the same result."""
     method = get_method(spec.method)
     _check(spec)
     _check_targets(spec)
@@ -81,6 +84,9 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         num_blocks = sum(len(tower.blocks) for tower, _ in plan)
         requested = spec.calibration.dataset
         cal_spec = replace(spec.calibration, dataset=multimodal.calibration_dataset(model, requested))
+        resume: Resume | None = None
+        if checkpoint is not None:
+            resume = checkpoint.load(fingerprint(spec, device, next(model.parameters()).dtype))
 
     calibration = evaluation = None
     dataset_info: dict[str, Any] = {"dataset": cal_spec.dataset}
@@ -106,9 +112,14 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         if zero_shot:
             accuracy[which] = _finite(digits_zero_shot_accuracy(model, loaded.tokenizer, should_cancel=should_cancel))
 
-    if measured:
+    if resume is not None:  # the model is no longer dense: its metrics were saved with the checkpoint
+        ppl.update(resume.extra.get("perplexity", {}))
+        accuracy.update(resume.extra.get("accuracy", {}))
+    elif measured:
         with stage("evaluation_dense", what=measured):
             evaluate("dense")
+    if checkpoint is not None:
+        checkpoint.extra = {"perplexity": ppl, "accuracy": accuracy}
 
     with stage("pruning", total=num_blocks):
         def block_done(done: int, total: int) -> None:
@@ -117,7 +128,8 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         # Offloading: the model stays on the CPU and each block visits the device in turn.
         unused = prune_towers(model, plan, method, spec.pattern, calibration, CALIBRATION_BATCH,
                               on_block=block_done, should_cancel=should_cancel,
-                              device=device if spec.offload else None)
+                              device=device if spec.offload else None, resume=resume,
+                              after_block=checkpoint.after_block if checkpoint is not None else None)
 
     if measured:
         with stage("evaluation_pruned", what=measured):
@@ -154,6 +166,7 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         "unused_layers": unused,
         "data": dataset_info,
         "environment": _environment(device, memory),
+        **({"checkpoint": checkpoint.summary()} if checkpoint is not None else {}),
     }
     return Result(output_dir=output_dir, metrics=metrics, report=report)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.pruning.checkpoint import BlockDone, Resume, restore
 from workers.pruning.methods import Method
 from workers.pruning.models import Tower, block_linears, method_view, weight_matrix
 from workers.pruning.spec import JobCancelled
@@ -59,14 +60,15 @@ BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor | ModelInputs,
-                         batch_size: int,
-                         device: torch.device | None = None) -> tuple[torch.Tensor, list[BlockArgs]]:
+                         batch_size: int, device: torch.device | None = None,
+                         keep_hidden: bool = True) -> tuple[torch.Tensor | None, list[BlockArgs]]:
     """Hidden states entering the first block for every sample, and the other arguments of each batch.
 
     The whole model runs forward until it calls first_block, so a tower's inputs are whatever the model
     makes of the calibration data (LLaVA's merged image and text embeddings, BLIP-2's Q-Former outputs...).
     The other arguments (attention mask, position ids, rotary embeddings...) are captured as they come, so
     no model family needs special-casing here. Both end up on `device` (default: the model's device).
+    Without keep_hidden, only the other arguments are kept (a resumed tower has its hidden states already).
     """
     inputs = as_inputs(windows)
     model_device = next(model.parameters()).device
@@ -79,9 +81,10 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         nonlocal hidden
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
-        if hidden is None:
-            hidden = states.new_empty((inputs.num_samples, *states.shape[1:]), device=device)
-        hidden[offset:offset + states.shape[0]] = states
+        if keep_hidden:
+            if hidden is None:
+                hidden = states.new_empty((inputs.num_samples, *states.shape[1:]), device=device)
+            hidden[offset:offset + states.shape[0]] = states
         batch_args.append((_to(tuple(args[1:]), device), _to(kwargs, device)))
         raise _StopForward
 
@@ -93,7 +96,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
             offset += next(iter(batch.values())).shape[0]
     finally:
         handle.remove()
-    if hidden is None:
+    if not batch_args:
         raise RuntimeError("the model never called its first block")
     return hidden, batch_args
 
@@ -139,22 +142,38 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
                      windows: torch.Tensor | ModelInputs | None, batch_size: int = 1,
                      on_block: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] = _never,
-                     device: torch.device | None = None) -> list[str]:
+                     device: torch.device | None = None, *, start: int = 0,
+                     start_hidden: torch.Tensor | None = None, unused: list[str] | None = None,
+                     after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None) -> list[str]:
     """Prunes every layer of every block in place; windows may be None for methods without statistics.
 
     With `device` (offloading), each block visits the device for its statistics, pruning and propagation.
     Returns the layers (as "<block index>.<name>") left dense because calibration never reached them,
     e.g. BLIP-2 Q-Former text-only sublayers, which image queries alone never run.
+
+    Resuming: blocks before `start` are already pruned, `start_hidden` holds the inputs of block `start` and
+    `unused` what the finished blocks left dense. after_block(index, inputs of the next block or None, unused)
+    follows every block, for checkpoints.
     """
-    unused: list[str] = []
+    unused = list(unused or [])
     with torch.inference_mode():
         hidden: torch.Tensor | None = None
         batch_args: list[BlockArgs] = []
         if method.new_stats is not None:
             if windows is None:
                 raise ValueError(f"{method.name} needs calibration windows")
-            hidden, batch_args = capture_block_inputs(model, blocks[0], windows, batch_size, device)
-        for index, block in enumerate(blocks):
+            # The other arguments are made before the tower's first block runs, from modules that are never
+            # pruned and from earlier towers, which a resumed run has restored bit for bit: capturing them
+            # again gives exactly what the interrupted run used. The hidden states entering block `start`
+            # went through pruned blocks of this tower and cannot be captured again: they come saved.
+            hidden, batch_args = capture_block_inputs(model, blocks[0], windows, batch_size, device,
+                                                      keep_hidden=start == 0)
+            if start > 0:
+                if start_hidden is None:
+                    raise ValueError(f"resuming at block {start} needs the hidden states entering it")
+                hidden = start_hidden.to(device or next(model.parameters()).device)
+        for index in range(start, len(blocks)):
+            block = blocks[index]
             if should_cancel():
                 raise JobCancelled(f"cancelled before block {index}")
             with _on(block, device):
@@ -170,6 +189,8 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
                     weight.copy_(method.prune(weight, stats.get(name), sparsity, pattern))
                 if hidden is not None and index + 1 < len(blocks):
                     _run_block(block, hidden, batch_args, batch_size, write_back=True)
+            if after_block is not None:
+                after_block(index, hidden if index + 1 < len(blocks) else None, unused)
             if on_block is not None:
                 on_block(index + 1, len(blocks))
     return unused
@@ -179,12 +200,18 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
                  inputs: torch.Tensor | ModelInputs | None, batch_size: int = 1,
                  on_block: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] = _never,
-                 device: torch.device | None = None) -> list[str]:
+                 device: torch.device | None = None, resume: Resume | None = None,
+                 after_block: Callable[[BlockDone], None] | None = None) -> list[str]:
     """Prunes each (tower, sparsity) in order, each tower calibrated on the outputs of the towers pruned
-    before it. on_block counts blocks over all towers together. Returns the full names of unused layers."""
+    before it. on_block counts blocks over all towers together. Returns the full names of unused layers.
+
+    With `resume`, its first `done` blocks are restored rather than pruned (all of them before any capture:
+    a later tower's inputs come through the earlier ones); after_block receives what a checkpoint needs."""
     total = sum(len(tower.blocks) for tower, _ in plan)
-    done = 0
-    unused: list[str] = []
+    done = resume.done if resume is not None else 0
+    unused: list[str] = list(resume.unused) if resume is not None else []
+    if resume is not None:
+        restore(model, resume)
 
     def block_done(_index: int, _of: int) -> None:
         nonlocal done
@@ -192,10 +219,26 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
         if on_block is not None:
             on_block(done, total)
 
+    first = 0  # the plan-wide number of the tower's first block
     for tower, sparsity in plan:
-        skipped = prune_sequential(model, tower.blocks, method, sparsity, pattern, inputs, batch_size,
-                                   block_done, should_cancel, device)
-        unused.extend(f"{tower.prefix}.{name}" for name in skipped)
+        start = min(max(done - first, 0), len(tower.blocks))
+        prefix = f"{tower.prefix}."
+        # What earlier towers left dense, by full name; this tower's own so far (when resuming it), by block.
+        before = [name for name in unused if not name.startswith(prefix)]
+        mine = [name.removeprefix(prefix) for name in unused if name.startswith(prefix)]
+
+        def report(index: int, hidden: torch.Tensor | None, skipped: list[str], tower: Tower = tower,
+                   first: int = first, before: list[str] = before) -> None:
+            if after_block is not None:
+                names = before + [f"{tower.prefix}.{name}" for name in skipped]
+                after_block(BlockDone(tower, index, first + index + 1, total, hidden, names))
+
+        if start < len(tower.blocks):  # a tower finished before the interruption is only restored
+            mine = prune_sequential(model, tower.blocks, method, sparsity, pattern, inputs, batch_size, block_done,
+                                    should_cancel, device, start=start, unused=mine, after_block=report,
+                                    start_hidden=resume.hidden if resume is not None and start > 0 else None)
+        unused = before + [f"{prefix}{name}" for name in mine]
+        first += len(tower.blocks)
     return unused
 
 

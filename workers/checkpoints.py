@@ -1,0 +1,74 @@
+"""The engine's checkpoints kept in the artifact store, under {tenant}/{job}/checkpoints/, for the job's life."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Settings
+from app.db import queries
+from app.storage import ArtifactStore, make_store
+from workers.lease import Lease
+from workers.pruning.checkpoint import Checkpoint, CheckpointError, Resume
+
+log = logging.getLogger("prunekit.worker")
+
+
+def prefix_of(tenant_id: str, job_id: str) -> str:
+    return f"{tenant_id}/{job_id}/checkpoints"
+
+
+@dataclass
+class StoreFiles:
+    """CheckpointFiles on an artifact store. Writes prove the lease first: a worker that lost the job must
+    not overwrite the files of the one that took it over."""
+
+    store: ArtifactStore
+    prefix: str
+    lease: Lease
+
+    def put(self, name: str, path: Path) -> None:
+        self.lease.check()
+        try:
+            self.store.put_file(f"{self.prefix}/{name}", path, "application/octet-stream")
+        except Exception as exc:  # an S3 blip costs this checkpoint, not the job
+            raise CheckpointError(f"could not store {name}: {exc}") from exc
+
+    def get(self, name: str, dest: Path) -> bool:
+        key = f"{self.prefix}/{name}"
+        if not self.store.exists(key):
+            return False
+        self.store.download_file(key, dest)
+        return True
+
+    def delete(self, name: str) -> None:
+        try:
+            self.store.delete(f"{self.prefix}/{name}")
+        except Exception as exc:  # a leftover file is removed with the rest when the job ends
+            log.warning("could not delete checkpoint file %s: %s", name, exc)
+
+
+def checkpoint_for(lease: Lease, tenant_id: str, scratch: Path) -> Checkpoint | None:
+    settings = lease.settings
+    if settings.checkpoint_every_blocks <= 0:
+        return None
+    files = StoreFiles(make_store(settings), prefix_of(tenant_id, lease.job_id), lease)
+    return Checkpoint(files, scratch, settings.checkpoint_every_blocks, on_resume=lambda r: _resumed(lease, r))
+
+
+def _resumed(lease: Lease, resume: Resume) -> None:
+    log.info("job %s resumes from block %d of tower %s", lease.job_id, resume.block, resume.tower)
+    with lease.session() as session:
+        queries.add_event(session, lease.job_id, f"Resumed from block {resume.block} of tower {resume.tower} "
+                                                 f"({resume.done} blocks were already pruned).",
+                          data={"tower": resume.tower, "block": resume.block, "blocks_done": resume.done,
+                                "checkpoint_bytes": resume.size_bytes})
+
+
+def discard(settings: Settings, tenant_id: str, job_id: str) -> None:
+    """Removes a job's checkpoints once it has ended; failing to is only logged (they are not listed anywhere)."""
+    try:
+        make_store(settings).delete_prefix(prefix_of(tenant_id, job_id))
+    except Exception as exc:
+        log.warning("could not delete the checkpoints of %s: %s", job_id, exc)
