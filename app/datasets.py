@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import stat
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -51,28 +52,26 @@ def check_upload(path: Path, filename: str, limits: UploadLimits) -> CheckedUplo
 
 def _count_text_records(path: Path, limits: UploadLimits) -> int:
     """Records of a .txt file are its non-empty lines."""
+    return _count_lines(path, limits, lambda line, number: None, "the file holds no text.")
+
+
+def _count_jsonl_records(path: Path, limits: UploadLimits, *fields: str) -> int:
+    return _count_lines(path, limits, lambda line, number: _check_record(line, number, fields),
+                        "the file holds no records.")
+
+
+def _count_lines(path: Path, limits: UploadLimits, check: Callable[[str, int], object], empty: str) -> int:
+    """Non-empty lines, each decoded as UTF-8 and checked, counted up to the record cap."""
     count = 0
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             line = _decode(raw, number)
+            check(line, number)
             if line.strip():
                 count += 1
                 _check_count(count, limits)
     if count == 0:
-        raise InvalidUpload("the file holds no text.")
-    return count
-
-
-def _count_jsonl_records(path: Path, limits: UploadLimits, *fields: str) -> int:
-    count = 0
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            _check_record(_decode(raw, number), number, fields)
-            if raw.strip():
-                count += 1
-                _check_count(count, limits)
-    if count == 0:
-        raise InvalidUpload("the file holds no records.")
+        raise InvalidUpload(empty)
     return count
 
 
