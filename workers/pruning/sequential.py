@@ -10,7 +10,7 @@ the block being worked on, and the captured activations, live on the device.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,8 +144,11 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
                      should_cancel: Callable[[], bool] = _never,
                      device: torch.device | None = None, *, start: int = 0,
                      start_hidden: torch.Tensor | None = None, unused: list[str] | None = None,
-                     after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None) -> list[str]:
+                     after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None,
+                     layer_sparsity: Callable[[int, str], float] | None = None) -> list[str]:
     """Prunes every layer of every block in place; windows may be None for methods without statistics.
+
+    layer_sparsity(block index, layer name) overrides `sparsity` per layer (a non-uniform allocation).
 
     With `device` (offloading), each block visits the device for its statistics, pruning and propagation.
     Returns the layers (as "<block index>.<name>") left dense because calibration never reached them,
@@ -186,7 +189,9 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
                         continue
                     # copy_ keeps the Parameter an ordinary tensor: one made in inference mode would not be
                     weight = weight_matrix(layer)
-                    weight.copy_(method.prune(weight, stats.get(name), sparsity, pattern))
+                    ratio = sparsity if layer_sparsity is None else layer_sparsity(index, name)
+                    if ratio > 0.0:
+                        weight.copy_(method.prune(weight, stats.get(name), ratio, pattern))
                 if hidden is not None and index + 1 < len(blocks):
                     _run_block(block, hidden, batch_args, batch_size, write_back=True)
             if after_block is not None:
@@ -201,12 +206,14 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
                  on_block: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] = _never,
                  device: torch.device | None = None, resume: Resume | None = None,
-                 after_block: Callable[[BlockDone], None] | None = None) -> list[str]:
+                 after_block: Callable[[BlockDone], None] | None = None,
+                 layer_sparsity: Mapping[str, float] | None = None) -> list[str]:
     """Prunes each (tower, sparsity) in order, each tower calibrated on the outputs of the towers pruned
     before it. on_block counts blocks over all towers together. Returns the full names of unused layers.
 
     With `resume`, its first `done` blocks are restored rather than pruned (all of them before any capture:
-    a later tower's inputs come through the earlier ones); after_block receives what a checkpoint needs."""
+    a later tower's inputs come through the earlier ones); after_block receives what a checkpoint needs.
+    layer_sparsity maps full layer names to their own sparsity (an allocation); others get their tower's."""
     total = sum(len(tower.blocks) for tower, _ in plan)
     done = resume.done if resume is not None else 0
     unused: list[str] = list(resume.unused) if resume is not None else []
@@ -233,10 +240,14 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
                 names = before + [f"{tower.prefix}.{name}" for name in skipped]
                 after_block(BlockDone(tower, index, first + index + 1, total, hidden, names))
 
+        def ratio_of(index: int, name: str, prefix: str = prefix, sparsity: float = sparsity) -> float:
+            return sparsity if layer_sparsity is None else layer_sparsity.get(f"{prefix}{index}.{name}", sparsity)
+
         if start < len(tower.blocks):  # a tower finished before the interruption is only restored
             mine = prune_sequential(model, tower.blocks, method, sparsity, pattern, inputs, batch_size, block_done,
                                     should_cancel, device, start=start, unused=mine, after_block=report,
-                                    start_hidden=resume.hidden if resume is not None and start > 0 else None)
+                                    start_hidden=resume.hidden if resume is not None and start > 0 else None,
+                                    layer_sparsity=ratio_of)
         unused = before + [f"{prefix}{name}" for name in mine]
         first += len(tower.blocks)
     return unused

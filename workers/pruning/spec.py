@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("loading", "calibration", "evaluation_dense", "pruning", "evaluation_pruned", "saving")
+STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "evaluation_pruned", "saving")
 
 
 DEFAULT_CALIBRATION_DATASET = "builtin:wiki-en"
@@ -32,6 +32,25 @@ class EvaluationSpec:
     seq_len: int = 512
 
 
+ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
+GRANULARITIES = ("block", "layer")
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """How sparse each block (or layer) is; `uniform` gives every layer the job's sparsity."""
+
+    name: str = "uniform"  # one of ALLOCATIONS
+    granularity: str = "block"  # one sparsity per block, or per layer
+    # ECoFLaP: no group is pruned beyond this; None means the target + 0.1 (capped below 1).
+    max_sparsity: float | None = None
+    num_samples: int = 8  # calibration samples the scores are estimated on (the first ones)
+    seq_len: int | None = None  # tokens per scoring sample; None: the calibration's
+    eps: float = 1e-3  # ecoflap-zeroth: the perturbation's size
+    outlier_multiple: float = 5.0  # owl: M, a weight is an outlier above M times its group's mean score
+    spread: float = 0.08  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     model_dir: Path  # HF layout (config.json + *.safetensors + tokenizer) or a folder with exactly one .gguf
@@ -46,6 +65,10 @@ class PruneSpec:
     targets: dict[str, float] | None = None
     # Keep the model on the CPU and move one block at a time to `device` (models larger than the device).
     offload: bool = False
+    allocation: AllocationSpec = field(default_factory=AllocationSpec)
+    # A sweep: these sparsities from one calibration and scoring pass, one pruned model each (`sparsity` is
+    # then ignored; `targets` must be None). Empty for an ordinary job.
+    sweep: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,262 @@
+"""Per-layer importance scores for the allocation: zeroth-order (forward passes only), first-order, OWL's.
+
+Zeroth-order (ECoFLaP): for every prunable layer l and calibration batch b, perturb the layer's weight by
++-eps*z with z ~ N(0, I) drawn from a generator seeded by (seed, layer, batch), and take the two-point estimate
+g = (L_b(W + eps z) - L_b(W - eps z)) / (2 eps); the score is sum_b |g|. Perturbed weights are always written
+from a saved copy of the original, never by adding and subtracting, which would drift in bf16/fp16.
+
+The fast path captures the inputs of each block once and, when a layer of block k is perturbed, runs the model
+with the blocks before k replaced by a pass-through and block k fed the captured inputs: the same arithmetic
+as the naive full forward from block k on, so the scores are identical, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.pruning import multimodal
+from workers.pruning.methods import wanda
+from workers.pruning.models import Tower, block_linears, weight_matrix
+from workers.pruning.sequential import ModelInputs, _run_block, capture_block_inputs
+from workers.pruning.spec import JobCancelled
+
+OUTLIER_MULTIPLE = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M times the mean
+
+
+def _never() -> bool:
+    return False
+
+
+def _ignore(_done: int, _total: int) -> None:
+    return None
+
+
+# --- the loss --------------------------------------------------------------------------------------------
+
+
+def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's own training loss on one calibration batch, in fp32.
+
+    Causal LMs, LLaVA and BLIP-2: next-token cross-entropy over the text (image placeholders and padding are
+    not predicted). CLIP: its contrastive loss, which needs at least two image-text pairs per batch.
+    """
+    if multimodal.family(model) == multimodal.CLIP:
+        return model(**batch, return_loss=True).loss.float()
+    logits = model(**batch).logits.float()
+    labels = batch["input_ids"].clone()
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is not None:
+        labels[labels == image_token] = -100
+    if "attention_mask" in batch:
+        labels[batch["attention_mask"] == 0] = -100
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+
+
+def scoring_batch_size(model: nn.Module) -> int:
+    # A contrastive loss over one pair is always zero: CLIP scores on batches of pairs.
+    return 8 if multimodal.family(model) == multimodal.CLIP else 1
+
+
+# --- zeroth order ----------------------------------------------------------------------------------------
+
+
+def direction(weight: torch.Tensor, seed: int, layer: str, batch: int) -> torch.Tensor:
+    """z ~ N(0, I) shaped like the weight, the same for a (seed, layer, batch) whatever the order of work."""
+    key = hashlib.sha256(f"{seed}:{layer}:{batch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+
+
+class _Perturbation:
+    """Writes W + sign * eps * z into a layer from a saved copy of W, and W back afterwards."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.weight = weight_matrix(layer)
+        self.saved = self.weight.detach().clone()
+
+    def apply(self, z: torch.Tensor, eps: float, sign: float) -> None:
+        original = self.saved.to(torch.float32)
+        self.weight.copy_((original + (sign * eps) * z.to(original.device)).to(self.weight.dtype))
+
+    def restore(self) -> None:
+        self.weight.copy_(self.saved)
+
+
+def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, eps: float = 1e-3,
+                        seed: int = 0, fast: bool = True, batch_size: int | None = None,
+                        should_cancel: Callable[[], bool] = _never,
+                        on_layer: Callable[[int, int], None] = _ignore) -> dict[str, float]:
+    """sum_b |(L_b(W + eps z) - L_b(W - eps z)) / (2 eps)| for every prunable layer of the towers, by full name."""
+    batch_size = batch_size or scoring_batch_size(model)
+    device = next(model.parameters()).device
+    batches = list(inputs.batches(batch_size, device))
+    total = sum(len(block_linears(block)) for tower in towers for block in tower.blocks)
+    scores: dict[str, float] = {}
+    with torch.inference_mode():
+        for tower in towers:
+            hidden, block_args = (capture_block_inputs(model, tower.blocks[0], inputs, batch_size) if fast
+                                  else (None, []))
+            returns_tuple = fast and hidden is not None and _returns_tuple(tower.blocks[0], hidden, block_args,
+                                                                           batch_size)
+            for index, block in enumerate(tower.blocks):
+                for name, layer in block_linears(block).items():
+                    if should_cancel():
+                        raise JobCancelled("cancelled while scoring")
+                    full = f"{tower.prefix}.{index}.{name}"
+                    perturbation = _Perturbation(layer)
+                    total_abs = 0.0
+                    for number, batch in enumerate(batches):
+                        z = direction(perturbation.weight, seed, full, number)
+                        losses = []
+                        for sign in (1.0, -1.0):
+                            perturbation.apply(z, eps, sign)
+                            try:
+                                if fast:
+                                    assert hidden is not None
+                                    rows = hidden[number * batch_size:(number + 1) * batch_size]
+                                    with _from_block(tower.blocks, index, rows, returns_tuple):
+                                        losses.append(float(model_loss(model, batch)))
+                                else:
+                                    losses.append(float(model_loss(model, batch)))
+                            finally:
+                                perturbation.restore()
+                        total_abs += abs((losses[0] - losses[1]) / (2.0 * eps))
+                    scores[full] = total_abs
+                    on_layer(len(scores), total)
+                if fast and hidden is not None and index + 1 < len(tower.blocks):
+                    _run_block(block, hidden, block_args, batch_size, write_back=True)
+    return scores
+
+
+@contextlib.contextmanager
+def _from_block(blocks: nn.ModuleList, start: int, hidden: torch.Tensor, returns_tuple: bool) -> Iterator[None]:
+    """The model's forward, with blocks[:start] passing their input through and blocks[start] fed `hidden`."""
+
+    def inject(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def pass_through(*args: Any, **kwargs: Any) -> Any:
+        states = args[0] if args else kwargs["hidden_states"]
+        return (states,) if returns_tuple else states
+
+    handle = blocks[start].register_forward_pre_hook(inject, with_kwargs=True)
+    skipped = list(blocks[:start])
+    for block in skipped:
+        block.forward = pass_through  # an instance attribute: nn.Module.__call__ finds it before the class's
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in skipped:
+            del block.forward
+
+
+def _returns_tuple(block: nn.Module, hidden: torch.Tensor, block_args: list[Any], batch_size: int) -> bool:
+    """Whether this block class returns a tuple (CLIP, GPT-2, older decoders) or the hidden states alone."""
+    args, kwargs = block_args[0]
+    return isinstance(block(hidden[:batch_size], *args, **kwargs), tuple)
+
+
+# --- first order -----------------------------------------------------------------------------------------
+
+
+def first_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, batch_size: int | None = None,
+                       should_cancel: Callable[[], bool] = _never,
+                       on_batch: Callable[[int, int], None] = _ignore) -> dict[str, float]:
+    """sum_b sum_ij |W_ij * dL_b/dW_ij| for every prunable layer: one backward pass per batch."""
+    batch_size = batch_size or scoring_batch_size(model)
+    device = next(model.parameters()).device
+    layers = {f"{tower.prefix}.{index}.{name}": layer for tower in towers
+              for index, block in enumerate(tower.blocks) for name, layer in block_linears(block).items()}
+    scores = dict.fromkeys(layers, 0.0)
+    # Gradients only for the prunable weights: nothing else needs its own gradient kept.
+    previous = {param: param.requires_grad for param in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)
+    batches = list(inputs.batches(batch_size, device))
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for number, batch in enumerate(batches):
+                if should_cancel():
+                    raise JobCancelled("cancelled while scoring")
+                model_loss(model, batch).backward()
+                with torch.no_grad():
+                    for name, layer in layers.items():
+                        grad = layer.weight.grad
+                        if grad is not None:
+                            scores[name] += float((layer.weight.float() * grad.float()).abs().sum())
+                            layer.weight.grad = None
+                on_batch(number + 1, len(batches))
+    finally:
+        for param, flag in previous.items():
+            param.requires_grad_(flag)
+            param.grad = None
+    return scores
+
+
+# --- OWL -------------------------------------------------------------------------------------------------
+
+
+def outlier_ratios(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, per_layer: bool,
+                   multiple: float = OUTLIER_MULTIPLE, batch_size: int = 4,
+                   should_cancel: Callable[[], bool] = _never) -> dict[str, tuple[int, int]]:
+    """OWL's layer-wise outlier distribution on the dense model, block by block.
+
+    Returns (outliers, weights) per block (the key "<tower prefix>.<index>") or, per_layer, per layer: the
+    number of Wanda scores |W_ij| * ||X_j|| above `multiple` times the mean score of the block (or layer).
+    """
+    counts: dict[str, tuple[int, int]] = {}
+    with torch.inference_mode():
+        for tower in towers:
+            hidden, block_args = capture_block_inputs(model, tower.blocks[0], inputs, batch_size)
+            assert hidden is not None
+            for index, block in enumerate(tower.blocks):
+                if should_cancel():
+                    raise JobCancelled("cancelled while scoring")
+                linears = block_linears(block)
+                norms = _input_norms(block, linears, hidden, block_args, batch_size)
+                metrics = {name: wanda.scores(weight_matrix(layer), norms[name].norms()).flatten()
+                           for name, layer in linears.items() if name in norms}
+                if per_layer:
+                    for name, metric in metrics.items():
+                        counts[f"{tower.prefix}.{index}.{name}"] = _count_outliers(metric, multiple)
+                elif metrics:
+                    counts[f"{tower.prefix}.{index}"] = _count_outliers(torch.cat(list(metrics.values())), multiple)
+                if index + 1 < len(tower.blocks):
+                    _run_block(block, hidden, block_args, batch_size, write_back=True)
+    return counts
+
+
+def _count_outliers(metric: torch.Tensor, multiple: float) -> tuple[int, int]:
+    return int((metric > multiple * metric.mean()).sum()), metric.numel()
+
+
+def _input_norms(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor,
+                 block_args: list[Any], batch_size: int) -> dict[str, wanda.InputNorms]:
+    norms: dict[str, wanda.InputNorms] = {}
+
+    def hook(name: str, layer: nn.Module) -> Callable[..., None]:
+        def add(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            if name not in norms:
+                norms[name] = wanda.InputNorms(weight_matrix(layer).shape[1], hidden.device)
+            norms[name].add(args[0])
+        return add
+
+    handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
+    try:
+        _run_block(block, hidden, block_args, batch_size, write_back=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return norms
