@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-quality bench-load clean
+.PHONY: install run test lint bench bench-quality bench-clip bench-load clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: install
 # (or "--append" to resume, "--only wanda-0.5,sparsegpt-2:4").
 bench-quality: install
 	$(BIN)/python bench/quality.py $(BENCH_ARGS)
+
+# Zero-shot accuracy of the digits-clip fixture (built on first use) under magnitude, Wanda and SparseGPT at
+# 0.3/0.5/0.7; minutes. Options as bench-quality: BENCH_ARGS="--append" or "--only wanda-0.5,sparsegpt-0.7".
+bench-clip: install
+	$(BIN)/python bench/quality_clip.py $(BENCH_ARGS)
 
 # The API under 20 concurrent clients on Postgres + Redis (both must be running locally); about a minute.
 bench-load: install
