@@ -12,7 +12,7 @@ CONTRACT_ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4", "4:8")
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
 # Families the engine has a tiny test model of (workers/pruning/demo_models.py) and prunes end to end.
 MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
 # Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
@@ -27,6 +27,8 @@ LIMITS = {
     "calibration_seq_len": 4096,
     "evaluation_num_samples": 1024,
     "evaluation_seq_len": 4096,
+    "allocation_num_samples": 256,
+    "sweep_sparsities": 10,
     "metadata_keys": 16,
     "metadata_value_chars": 512,
     "list_page_size": 100,

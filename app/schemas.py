@@ -58,6 +58,33 @@ class Evaluation(Strict):
     seq_len: int = Field(512, ge=16, le=caps.LIMITS["evaluation_seq_len"])
 
 
+class AllocationOptions(Strict):
+    granularity: Literal["block", "layer"] = Field("block", description="one sparsity per block or per layer")
+    max_sparsity: float | None = Field(None, gt=0, lt=1, description="ECoFLaP: no group is pruned beyond this; "
+                                                                      "default target + 0.1")
+    num_samples: int = Field(8, ge=1, le=caps.LIMITS["allocation_num_samples"],
+                             description="calibration samples the scores are estimated on")
+    seq_len: int | None = Field(None, ge=16, le=caps.LIMITS["calibration_seq_len"],
+                                description="tokens per scoring sample (language models); default: calibration's")
+    eps: float = Field(1e-3, gt=0, le=0.1, description="ecoflap-zeroth: the perturbation's size")
+    outlier_multiple: float = Field(5.0, gt=1, le=100, description="owl: M, outliers exceed M x the mean score")
+    spread: float = Field(0.08, ge=0, lt=0.5, description="owl: lambda, sparsities in [s - lambda, s + lambda]")
+
+
+class Sweep(Strict):
+    sparsities: list[float] = Field(min_length=1, max_length=caps.LIMITS["sweep_sparsities"],
+                                    description="one pruned model and one metrics row per sparsity")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _in_range(cls, value: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in value):
+            raise ValueError("each sparsity must be between 0 and 1 (exclusive)")
+        if len(set(value)) != len(value):
+            raise ValueError("sparsities must be distinct")
+        return sorted(value)
+
+
 class Webhook(Strict):
     url: HttpUrl = Field(description="http(s) URL that receives pruning.job.succeeded|failed|cancelled")
 
@@ -74,12 +101,13 @@ class JobCreate(Strict):
     method: Literal["magnitude", "wanda", "sparsegpt"]
     # pattern comes before sparsity so that sparsity's validator can see it (fields validate in order).
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
-    sparsity: float = Field(gt=0, lt=1)
+    # Required, except with a sweep (it is then the sweep's lowest sparsity): the route checks that.
+    sparsity: float | None = Field(None, gt=0, lt=1, description="required unless a sweep is given")
     allocation: Literal["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"] = "uniform"
-    allocation_options: dict[str, Any] = Field(default_factory=dict)
+    allocation_options: AllocationOptions | None = Field(None, validate_default=True)
     targets: dict[str, float] | None = None
     restore: dict[str, Any] | None = None
-    sweep: dict[str, Any] | None = None
+    sweep: Sweep | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -131,11 +159,48 @@ class JobCreate(Strict):
                 raise ValueError(f"pattern {pattern} fixes every tower's sparsity at {1 - n / m:g}")
         return value
 
-    @field_validator("allocation_options", "restore", "sweep")
+    @field_validator("restore")
     @classmethod
     def _not_yet(cls, value: Any) -> Any:
         if value:
             raise ValueError("is not available on this server yet; see GET /v1/capabilities")
+        return value
+
+    @field_validator("allocation_options")
+    @classmethod
+    def _options_fit(cls, value: AllocationOptions | None, info: ValidationInfo) -> AllocationOptions | None:
+        allocation, pattern = info.data.get("allocation"), info.data.get("pattern")
+        if allocation == "uniform" and value is not None and value.model_fields_set:
+            raise ValueError("only applies to a non-uniform allocation (ecoflap-zeroth, ecoflap-first, owl)")
+        if allocation and allocation != "uniform":
+            value = value or AllocationOptions()
+            if pattern and ":" in pattern:
+                raise PydanticCustomError("allocation_with_nm", "pattern {pattern} fixes every layer's sparsity, so "
+                                          "allocation {allocation} has nothing to decide; use allocation uniform",
+                                          {"pattern": pattern, "allocation": allocation})
+            sparsity = info.data.get("sparsity")
+            if value.max_sparsity is not None and sparsity is not None and value.max_sparsity < sparsity:
+                raise ValueError(f"max_sparsity ({value.max_sparsity}) must be at least the target sparsity "
+                                 f"({sparsity})")
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_fits(cls, value: Sweep | None, info: ValidationInfo) -> Sweep | None:
+        if value is None:
+            return value
+        pattern = info.data.get("pattern")
+        if pattern and ":" in pattern:
+            raise ValueError(f"pattern {pattern} fixes the sparsity; a sweep has nothing to vary")
+        if info.data.get("targets") is not None:
+            raise ValueError("cannot be combined with per-tower targets")
+        sparsity = info.data.get("sparsity")
+        if sparsity is not None and not any(math.isclose(sparsity, s, abs_tol=1e-9) for s in value.sparsities):
+            raise ValueError(f"must include the job's sparsity ({sparsity}), or leave sparsity out")
+        options = info.data.get("allocation_options")
+        if options is not None and options.max_sparsity is not None and options.max_sparsity < max(value.sparsities):
+            raise ValueError(f"allocation_options.max_sparsity ({options.max_sparsity}) is below the sweep's "
+                             f"largest sparsity ({max(value.sparsities)})")
         return value
 
     @field_validator("metadata")

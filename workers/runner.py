@@ -27,6 +27,7 @@ from workers.lease import Lease, LeaseLost, new_owner
 from workers.pruning.models import resolve_model_ref
 from workers.pruning.pipeline import run as run_pipeline
 from workers.pruning.spec import (
+    AllocationSpec,
     CalibrationSpec,
     EvaluationSpec,
     JobCancelled,
@@ -34,6 +35,8 @@ from workers.pruning.spec import (
     Progress,
     PruneSpec,
 )
+from workers.score_cache import StoreScoreCache
+from workers.score_cache import prefix_of as score_cache_prefix
 
 log = logging.getLogger("prunekit.worker")
 # How soon a job held back by its tenant's cap is offered to the workers again.
@@ -81,7 +84,9 @@ def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
             spec.calibration, dataset=resolve_dataset(spec.calibration.dataset, tenant_id, settings, scratch)))
         result = run_pipeline(spec, scratch / "model", on_progress=lambda p: _record_progress(lease, p),
                               should_cancel=lambda: _cancel_requested(lease),
-                              checkpoint=checkpoints.checkpoint_for(lease, tenant_id, scratch / "checkpoint"))
+                              checkpoint=checkpoints.checkpoint_for(lease, tenant_id, scratch / "checkpoint"),
+                              score_cache=StoreScoreCache(make_store(settings), score_cache_prefix(tenant_id),
+                                                          scratch / "score-cache"))
         _name_dataset_as_submitted(result.report, request)
         _record_progress(lease, Progress("uploading", 0, 1, "Uploading the pruned model."))
         report_path = scratch / "report.json"
@@ -125,6 +130,9 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
         evaluation=EvaluationSpec(**request.get("evaluation", {})),
         device=settings.device,
         targets=request.get("targets"),
+        allocation=AllocationSpec(name=request.get("allocation", "uniform"),
+                                  **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
+        sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),
     )
 
 

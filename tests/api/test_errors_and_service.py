@@ -39,12 +39,25 @@ def assert_problem(response: Any, status: int, param: str | None, code: str | No
     ({"model": "s3://UPPER/case"}, "model"),
     ({"model": "ftp://host/model"}, "model"),
     ({"pattern": "3:7"}, "pattern"),
-    ({"allocation": "owl"}, "allocation"),        # in the contract, not yet on this server
+    ({"allocation": "greedy"}, "allocation"),
+    ({"allocation": "owl", "pattern": "2:4"}, "allocation_options"),  # N:M fixes every layer's sparsity
+    ({"allocation_options": {"eps": 0.01}}, "allocation_options"),   # options of a uniform allocation
+    ({"allocation": "ecoflap-zeroth", "allocation_options": {"eps": 0}}, "allocation_options.eps"),
+    ({"allocation": "ecoflap-zeroth", "allocation_options": {"granularity": "row"}},
+     "allocation_options.granularity"),
+    ({"allocation": "ecoflap-zeroth", "allocation_options": {"max_sparsity": 0.4}}, "allocation_options"),
+    ({"allocation": "owl", "allocation_options": {"temperature": 1}}, "allocation_options.temperature"),
     ({"calibration": {"num_samples": 0}}, "calibration.num_samples"),
     ({"calibration": {"dataset": "builtin:nope"}}, "calibration.dataset"),
     ({"evaluation": {"seq_len": 10**6}}, "evaluation.seq_len"),
     ({"colour": "blue"}, "colour"),
-    ({"sweep": {"sparsities": [0.5]}}, "sweep"),
+    ({"sweep": {"sparsities": [0.6, 0.7]}}, "sweep"),                # must include the job's sparsity
+    ({"sweep": {"sparsities": [0.5, 1.0]}}, "sweep.sparsities"),
+    ({"sweep": {"sparsities": []}}, "sweep.sparsities"),
+    ({"sweep": {"sparsities": [0.5, 0.5]}}, "sweep.sparsities"),
+    ({"sweep": {"sparsities": [0.5]}, "pattern": "2:4"}, "sweep"),  # 2:4 fixes the sparsity: nothing to vary
+    ({"sweep": {"sparsities": [0.5]}, "targets": {"language": 0.5}}, "sweep"),
+    ({"restore": {"method": "sparse-lora"}}, "restore"),            # in the contract, not yet on this server
 ])
 def test_invalid_job_fields_name_the_param(client: TestClient, auth: dict[str, str], overrides: dict[str, Any],
                                            param: str) -> None:
@@ -55,6 +68,8 @@ def test_invalid_job_fields_name_the_param(client: TestClient, auth: dict[str, s
 def test_missing_field_and_malformed_json(client: TestClient, auth: dict[str, str]) -> None:
     assert_problem(client.post("/v1/jobs", json={"model": "local:tiny-llama", "sparsity": 0.5}, headers=auth),
                    422, "method")
+    without_sparsity = {key: value for key, value in JOB.items() if key != "sparsity"}
+    assert_problem(client.post("/v1/jobs", json=without_sparsity, headers=auth), 422, "sparsity")
     response = client.post("/v1/jobs", content=b"{not json", headers={**auth, "content-type": "application/json"})
     assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
 
@@ -83,7 +98,8 @@ def test_unknown_route_is_problem_json(client: TestClient, auth: dict[str, str])
 def test_capabilities_list_what_the_server_runs(client: TestClient, auth: dict[str, str]) -> None:
     caps = client.get("/v1/capabilities", headers=auth).json()
     assert caps["methods"] == ["magnitude", "wanda", "sparsegpt"]
-    assert "unstructured" in caps["patterns"] and caps["allocations"] == ["uniform"]
+    assert "unstructured" in caps["patterns"]
+    assert caps["allocations"] == ["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"]
     assert {"id": "builtin:wiki-en", "kind": "text"} in caps["datasets"]
 
 

@@ -188,7 +188,8 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
                      "allocation": allocation, "pruned": pruned, "folder": folder,
                      "per_tower": _per_tower(model, towers, unused)})
 
-    first = runs[0]
+    # The job's own sparsity (the API makes it one of a sweep's) is the run the top-level metrics describe.
+    first = next((run for run in runs if math.isclose(run["target"], spec.sparsity, abs_tol=1e-9)), runs[0])
     sparsity = first["sparsity"]
     quality = {key: {**dense.get(key, {}), **first["pruned"].get(key, {})}
                for key in ("perplexity", "accuracy") if key in dense or key in first["pruned"]}
