@@ -48,7 +48,8 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """
     if multimodal.family(model) == multimodal.CLIP:
         return model(**batch, return_loss=True).loss.float()
-    logits = model(**batch).logits.float()
+    logits = model(**batch).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     labels = batch["input_ids"].clone()
     image_token = getattr(model.config, "image_token_id", None)
     if image_token is not None:
@@ -82,8 +83,9 @@ class _Perturbation:
         self.saved = self.weight.detach().clone()
 
     def apply(self, z: torch.Tensor, eps: float, sign: float) -> None:
-        original = self.saved.to(torch.float32)
-        self.weight.copy_((original + (sign * eps) * z.to(original.device)).to(self.weight.dtype))
+        # Computed in fp32 at least (fp64 stays fp64), then rounded once to the weight's dtype.
+        original = self.saved.to(torch.promote_types(self.saved.dtype, torch.float32))
+        self.weight.copy_((original + (sign * eps) * z.to(original.device, original.dtype)).to(self.weight.dtype))
 
     def restore(self) -> None:
         self.weight.copy_(self.saved)
