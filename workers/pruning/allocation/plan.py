@@ -108,7 +108,7 @@ def allocate(plan: Sequence[tuple[Tower, float]], spec: AllocationSpec, raw: dic
         per_tower[tower.name] = round(budget.weighted_mean([chosen[i] for i in members],
                                                            [groups[i].num_weights for i in members]), 6)
     report = [{"name": g.name, "tower": g.tower, "num_weights": g.num_weights, "score": values[i],
-               "sparsity": round(chosen[i], 6)} for i, g in enumerate(groups)]
+               "sparsity": chosen[i]} for i, g in enumerate(groups)]
     return Allocation(layer_sparsity, report, per_tower, raw=raw)
 
 
