@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey, Tenant
@@ -24,6 +28,63 @@ class Principal:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Keys that authenticated in the last `ttl_s` seconds, by digest (never the key itself), so that most requests
+    skip the key query. A revocation made elsewhere (`prunekit keys revoke`, another API process) takes effect here
+    within `ttl_s`; one made in this process (`revoke_key`) drops the key from every cache at once. Only successful
+    lookups are kept: an unknown or revoked key is looked up every time, so a new key works at once. Bounded: when
+    full, the oldest entry makes room."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+        _caches.add(self)
+
+    def get(self, digest: str) -> Principal | None:
+        # Looked up by the key's SHA-256, as in the database: timing tells nothing about the key itself.
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[0] <= time.monotonic():
+                del self._entries[digest]
+                return None
+            return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._entries.pop(digest, None)  # re-inserted last: the oldest entry is always the first
+            if len(self._entries) >= self.max_entries:
+                for stale in [d for d, (expires, _) in self._entries.items() if expires <= now]:
+                    del self._entries[stale]
+                while len(self._entries) >= self.max_entries:
+                    del self._entries[next(iter(self._entries))]
+            self._entries[digest] = (now + self.ttl_s, principal)
+
+    def drop(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            for digest in digests:
+                self._entries.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Every KeyCache of this process (one per app), so that revoke_key reaches them all.
+_caches: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+
+
+def forget_keys(digests: Iterable[str]) -> None:
+    """Drops keys from every key cache in this process."""
+    digests = list(digests)
+    for cache in list(_caches):
+        cache.drop(digests)
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
@@ -58,14 +119,30 @@ def revoke_key(session: Session, key_or_prefix: str) -> int:
     for row in rows:
         row.revoked_at = utcnow()
     session.flush()
+    digests = [row.key_hash for row in rows]
+    # Dropped now and again once the revocation commits: a request that looked the key up in between (and still
+    # saw it valid) cannot keep it cached.
+    forget_keys(digests)
+    if digests:
+        event.listen(session, "after_commit", lambda _: forget_keys(digests), once=True)
     return len(rows)
 
 
-def authenticate(session: Session, key: str) -> Principal | None:
+def cached_principal(cache: KeyCache, key: str) -> Principal | None:
+    """The key's principal if it authenticated within the cache's TTL; None means: ask the database."""
+    return cache.get(hash_key(key)) if key.startswith(KEY_PREFIX) else None
+
+
+def authenticate(session: Session, key: str, cache: KeyCache | None = None) -> Principal | None:
     if not key.startswith(KEY_PREFIX):
         return None
     digest = hash_key(key)
+    if cache is not None and (principal := cache.get(digest)) is not None:
+        return principal
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return Principal(tenant_id=row.tenant_id, key_id=row.id)
+    principal = Principal(tenant_id=row.tenant_id, key_id=row.id)
+    if cache is not None:
+        cache.put(digest, principal)
+    return principal

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     queue_name: str = "prunekit"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # API processes `prunekit serve` runs (uvicorn workers). More than one needs the rate-limit counters in Redis.
+    api_workers: int = Field(default=1, ge=1)
     log_level: str = "info"
     device: str = "auto"
     max_page_size: int = 100
@@ -36,6 +38,9 @@ class Settings(BaseSettings):
     job_create_limit_per_minute: int = 120
     # Where the per-tenant counters live: Redis shares them across API replicas; "memory" for one process.
     rate_limit_url: str = ""
+    # Each API process remembers keys that authenticated for this long, so most requests skip the key query; a key
+    # revoked by `prunekit keys revoke` (another process) is refused everywhere within it. 0 turns the cache off.
+    api_key_cache_ttl_s: float = Field(default=5.0, ge=0)
     presign_expiry_s: int = 3600
     # Uploaded datasets (POST /v1/datasets): a bigger body answers 413; the rest of a bad upload 422.
     max_upload_bytes: int = 256 * 2**20

@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api import artifacts, datasets, jobs, streams, system, webhooks
+from app.auth import KeyCache
 from app.config import Settings, get_settings
 from app.dashboard import install_dashboard
-from app.db.session import migrate, session_factory
+from app.db.session import migrate, read_session_factory, session_factory
 from app.errors import install_error_handlers
+from app.logs import configure_logging
 from app.observability import install_metrics
 from app.openapi import install_openapi
 from app.ratelimit import make_limiter
@@ -26,8 +28,10 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
+    app.state.read_sessions = read_session_factory(settings)
     app.state.store = make_store(settings)
     app.state.limiter = make_limiter(settings.rate_limit_url)
+    app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
     install_error_handlers(app)
     install_metrics(app)
     app.include_router(jobs.router)
@@ -39,3 +43,11 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     install_dashboard(app)
     install_openapi(app)
     return app
+
+
+def create_served_app() -> FastAPI:
+    """What `prunekit serve` runs in each of its API_WORKERS processes: logs set up as the command's own, and no
+    migration (the command ran it once before starting them)."""
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings, run_migrations=False)

@@ -1,7 +1,8 @@
 """Load test of the HTTP API (`make bench-load`): bounded in requests and time, loopback only.
 
-Starts its own `prunekit serve` on a fresh Postgres database and the Redis broker with a queue of its own (no
-worker: submitted jobs stay queued), then 20 concurrent clients:
+Starts its own `prunekit serve` (`--api-workers` processes, 2 as docker-compose.yml runs it) on a fresh Postgres
+database and the Redis broker with a queue of its own (no worker: submitted jobs stay queued), then 20 concurrent
+clients:
 
 1. `GET /healthz` 2,000 times: the baseline, a route that touches neither the database nor Redis, measured in the
    same run under the same concurrency, so the job routes are reported as a ratio to it as well as in ms;
@@ -14,6 +15,7 @@ the API's latency, not the limiter's 429s; the limiter itself still runs (its Re
 /v1 request). Writes bench/results/load.json and prints a markdown table for bench/README.md.
 
     python bench/load.py [--clients 20] [--jobs 500] [--distinct 400] [--conflicts 10] [--reads 2000]
+                         [--api-workers 2] [--out bench/results/load.json]
 """
 
 from __future__ import annotations
@@ -250,6 +252,8 @@ def main() -> int:
     parser.add_argument("--distinct", type=int, default=400, help="distinct Idempotency-Keys among --jobs")
     parser.add_argument("--conflicts", type=int, default=10, help="extra submissions: a used key, another body")
     parser.add_argument("--reads", type=int, default=2000, help="GET /v1/jobs/{id} (and GET /healthz) requests")
+    parser.add_argument("--api-workers", type=int, default=2,
+                        help="API processes (API_WORKERS), as docker-compose.yml runs them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "load.json")
     args = parser.parse_args()
     assert 0 < args.distinct <= args.jobs and args.conflicts <= args.distinct
@@ -268,6 +272,7 @@ def main() -> int:
         env = {**os.environ, "PRUNEKIT_VAR_DIR": str(Path(tmp) / "var"), "DATABASE_URL": database_url,
                "BROKER_URL": REDIS_URL, "QUEUE_NAME": queue, "API_HOST": "127.0.0.1", "API_PORT": str(free_port()),
                "RATE_LIMIT_PER_MINUTE": HIGH_LIMIT, "JOB_CREATE_LIMIT_PER_MINUTE": HIGH_LIMIT,
+               "API_WORKERS": str(args.api_workers),
                # info, as deployed: the access log line of every request is part of its cost.
                "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"}
         log = Path(tmp) / "serve.log"
@@ -331,8 +336,10 @@ def summarise(args: argparse.Namespace, samples: list[Sample], phases: dict[str,
         "benchmark": "load",
         "setup": {"clients": args.clients, "job_submissions": args.jobs, "distinct_keys": args.distinct,
                   "repeats_same_body": args.jobs - args.distinct, "conflicting_submissions": args.conflicts,
-                  "reads": args.reads, "healthz_requests": args.reads, "server": "prunekit serve (one uvicorn "
-                  "process), Postgres + Redis on loopback, no worker", "rate_limits_per_minute": int(HIGH_LIMIT),
+                  "reads": args.reads, "healthz_requests": args.reads,
+                  "server": f"prunekit serve ({args.api_workers} uvicorn process{'es' if args.api_workers > 1 else ''}"
+                            "), Postgres + Redis on loopback, no worker",
+                  "api_workers": args.api_workers, "rate_limits_per_minute": int(HIGH_LIMIT),
                   "loop": "closed: each client sends its next request when the previous one is answered"},
         "phases_s": {name: round(s, 2) for name, s in phases.items()},
         "routes": routes,

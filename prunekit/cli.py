@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,9 +103,22 @@ def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
     from app.logs import configure_logging
 
     configure_logging(settings.log_level)
+    workers = settings.api_workers
+    if workers > 1 and not settings.rate_limit_url.startswith(("redis://", "rediss://")):
+        raise SystemExit("API_WORKERS > 1 needs the rate-limit counters in Redis (a redis:// BROKER_URL or "
+                         "RATE_LIMIT_URL): in memory, each process would allow the whole limit on its own.")
     migrate(settings.database_url)
-    uvicorn.run("app.main:create_app", factory=True, host=host or settings.api_host, port=port or settings.api_port,
-                log_level=settings.log_level, proxy_headers=True, log_config=None)
+    metrics_dir = None
+    if workers > 1:
+        # Each process writes its HTTP latency samples here; /metrics, whichever process answers, sums them all.
+        metrics_dir = tempfile.mkdtemp(prefix="prunekit-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("app.main:create_served_app", factory=True, workers=workers, host=host or settings.api_host,
+                    port=port or settings.api_port, log_level=settings.log_level, proxy_headers=True, log_config=None)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -23,6 +23,7 @@ from app.db import queries
 from app.db.models import Job, utcnow
 from app.db.session import session_scope
 from app.queue import enqueue_job, enqueue_webhook
+from app.storage import make_store
 
 log = logging.getLogger("prunekit.reconcile")
 
@@ -83,7 +84,15 @@ def _cancel(job_id: str, settings: Settings) -> bool:
         if not queries.cancel_abandoned(session, job_id):
             return False
         job = session.get(Job, job_id)
-        has_webhook = job is not None and bool(job.request.get("webhook"))
+        assert job is not None
+        tenant_id, has_webhook = job.tenant_id, bool(job.request.get("webhook"))
+    # Its checkpoints and whatever its dead worker had uploaded, removed once the compare-and-set made the job ours
+    # to end (as the runner does for a job it cancels itself). A failure is only logged: nothing lists the files.
+    try:
+        make_store(settings).delete_prefix(f"{tenant_id}/{job_id}")
+    except Exception as exc:
+        log.warning("could not delete the files of cancelled job %s under %s/%s: %s", job_id, tenant_id, job_id,
+                    exc)
     if has_webhook:
         try:
             enqueue_webhook(settings, job_id, "cancelled")

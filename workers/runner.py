@@ -101,14 +101,14 @@ def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
         _finish(lease, "cancelled", message="Job cancelled; partial results were removed.")
         make_store(settings).delete_prefix(f"{tenant_id}/{job_id}")  # only once the lease proved it is ours
     except JobError as exc:
-        _drop_checkpoints(lease, tenant_id)
+        _drop_files(lease, tenant_id)
         _finish(lease, "failed", error={"code": exc.code, "message": exc.message}, message=exc.message)
     except LeaseLost:
         raise
     except Exception as exc:  # the worker must outlive any one job
         log.exception("job %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
-        _drop_checkpoints(lease, tenant_id)
+        _drop_files(lease, tenant_id)
         _finish(lease, "failed", error={"code": "internal_error", "message": message}, message=message)
 
 
@@ -118,6 +118,19 @@ def _drop_checkpoints(lease: Lease, tenant_id: str | None) -> None:
     lease.check()
     if tenant_id is not None:
         checkpoints.discard(lease.settings, tenant_id, lease.job_id)
+
+
+def _drop_files(lease: Lease, tenant_id: str | None) -> None:
+    """A job that failed keeps nothing in the store: neither its checkpoints nor the files of an upload that failed
+    half-way or of an earlier attempt that was interrupted (their rows go in _finish). Removed before its status
+    says so, and only while the lease holds; failing to is only logged."""
+    lease.check()
+    if tenant_id is None:
+        return
+    try:
+        make_store(lease.settings).delete_prefix(f"{tenant_id}/{lease.job_id}")
+    except Exception as exc:
+        log.warning("could not delete the files of failed job %s: %s", lease.job_id, exc)
 
 
 def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> PruneSpec:
@@ -271,6 +284,8 @@ def _finish(lease: Lease, status: str, message: str, metrics: dict[str, Any] | N
         assert job is not None
         job.status, job.finished_at, job.error = status, utcnow(), error
         job.lease_owner, job.lease_expires_at = None, None
+        if status != "succeeded":  # rows an interrupted earlier attempt committed: only a success has artifacts
+            session.execute(delete(Artifact).where(Artifact.job_id == job_id))
         if metrics is not None:
             job.metrics = metrics
         if status == "succeeded" and job.progress:

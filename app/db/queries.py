@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import DateTime, and_, func, literal, or_, select, update
+from sqlalchemy import DateTime, and_, delete, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -228,6 +228,9 @@ def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None)
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    # A cancelled job has no artifacts: rows of an upload its worker committed before dying go too (the caller
+    # removes the files once this commits).
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
     add_event(session, job_id, "Job cancelled (its worker stopped before winding it down).",
               data={"status": "cancelled"})
     return True

@@ -45,6 +45,14 @@ def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     return sessionmaker(engine_for(settings.database_url), expire_on_commit=False)
 
 
+def read_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    """Sessions for reads of one statement, in autocommit mode: the read is one round trip to the database instead
+    of three (BEGIN, the query, COMMIT). Not for several statements that must see one snapshot, nor for writes."""
+    settings = settings or get_settings()
+    engine = engine_for(settings.database_url).execution_options(isolation_level="AUTOCOMMIT")
+    return sessionmaker(engine, expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     session = session_factory(settings)()

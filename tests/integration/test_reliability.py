@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import queries
-from app.db.models import Job, Tenant, utcnow
+from app.db.models import Artifact, Job, Tenant, utcnow
 from app.db.session import migrate, session_scope
 from app.storage import make_store
 from tests.conftest import REDIS_URL, wait_for
@@ -188,6 +188,67 @@ def check_reconciler(settings: Settings, queue_name: str) -> None:
     assert sum(stale.encode() in m for m in messages) == sum(dead.encode() in m for m in messages) == 1
     # Just re-sent: the next round leaves them alone.
     assert not {stale, dead} & set(reconcile_once(settings).resent)
+
+
+def test_a_job_the_reconciler_cancels_leaves_no_files_or_artifacts(queue_name: str, tmp_path: Path) -> None:
+    """A cancellation whose worker died: what that worker had stored (checkpoints, a half-finished upload, even a
+    committed set of artifacts) goes with it; the tenant's other jobs and its score cache stay."""
+    with fresh_database() as url:
+        settings = Settings(PRUNEKIT_VAR_DIR=tmp_path, database_url=url, broker_url=REDIS_URL,
+                            queue_name=queue_name, reconcile_interval_s=5)
+        migrate(url)
+        tenant = new_tenant(settings)
+        cancelling, other = new_job(settings, tenant), new_job(settings, tenant)
+        assert claim(settings, cancelling, "gone") == "claimed"
+        store = make_store(settings)
+        source = tmp_path / "blob"
+        source.write_bytes(b"x" * 1000)
+        mine = [f"{tenant}/{cancelling}/checkpoints/state.json", f"{tenant}/{cancelling}/attempt-1/config.json",
+                f"{tenant}/{cancelling}/attempt-1/model.safetensors"]
+        kept = [f"{tenant}/{other}/attempt-1/model.safetensors", f"{tenant}/score-cache/scores.safetensors"]
+        for key in mine + kept:
+            store.put_file(key, source, "application/octet-stream")
+        with session_scope(settings) as session:
+            job = session.get(Job, cancelling)
+            assert job is not None
+            job.status, job.lease_expires_at = "cancel_requested", utcnow() - timedelta(seconds=60)
+            session.add(Artifact(id=f"art_{secrets.token_hex(6)}", job_id=cancelling, tenant_id=tenant,
+                                 name="model.safetensors", size_bytes=1000, sha256="0" * 64,
+                                 content_type="application/octet-stream", storage_key=mine[-1]))
+
+        assert reconcile_once(settings).cancelled == [cancelling]
+        assert job_row(settings, cancelling).status == "cancelled"
+        assert store.list_keys(f"{tenant}/{cancelling}") == []
+        assert sorted(store.list_keys(tenant)) == sorted(kept)
+        with session_scope(settings) as session:
+            assert queries.list_artifacts(session, cancelling) == []
+
+
+def test_a_failed_job_leaves_no_files_or_artifacts(db: Settings, tmp_path: Path) -> None:
+    """A job that fails takes with it what its attempts stored: checkpoints, an upload of an interrupted attempt
+    and that attempt's rows (a failed job lists no artifacts)."""
+    from workers.runner import execute_job
+
+    tenant = new_tenant(db)
+    with session_scope(db) as session:
+        job, _ = queries.create_job(session, tenant, {"model": "local:no-such-model", "method": "wanda",
+                                                      "sparsity": 0.5}, {}, None)
+    store = make_store(db)
+    source = tmp_path / "blob"
+    source.write_bytes(b"x" * 1000)
+    for key in (f"{tenant}/{job.id}/checkpoints/state.json", f"{tenant}/{job.id}/attempt-0/model.safetensors"):
+        store.put_file(key, source, "application/octet-stream")
+    with session_scope(db) as session:
+        session.add(Artifact(id=f"art_{secrets.token_hex(6)}", job_id=job.id, tenant_id=tenant,
+                             name="model.safetensors", size_bytes=1000, sha256="0" * 64,
+                             content_type="application/octet-stream",
+                             storage_key=f"{tenant}/{job.id}/attempt-0/model.safetensors"))
+
+    execute_job(job.id, db)
+    assert job_row(db, job.id).status == "failed"
+    assert store.list_keys(f"{tenant}/{job.id}") == []
+    with session_scope(db) as session:
+        assert queries.list_artifacts(session, job.id) == []
 
 
 # --- whole services ------------------------------------------------------------------------------------------
