@@ -110,6 +110,8 @@ class JobCreate(Strict):
     sweep: Sweep | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    offload: bool = Field(False, description="keep the model in CPU memory and move one block at a time to the "
+                                             "worker's GPU: prunes models larger than the GPU (no effect on CPU)")
     metadata: dict[str, str] = Field(default_factory=dict)
     webhook: Webhook | None = None
 

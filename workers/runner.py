@@ -143,6 +143,7 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
         evaluation=EvaluationSpec(**request.get("evaluation", {})),
         device=settings.device,
         targets=request.get("targets"),
+        offload=bool(request.get("offload", False)),
         allocation=AllocationSpec(name=request.get("allocation", "uniform"),
                                   **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
         sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),

@@ -307,3 +307,15 @@ def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:
     request = job(targets={"language": 0.5})
     spec = build_spec(request, tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
     assert spec.targets == {"language": 0.5}
+
+
+def test_runner_passes_offload_allocation_and_sweep_to_the_engine(tmp_path: Path) -> None:
+    from app.config import Settings
+    from workers.runner import build_spec
+
+    body = JobCreate.model_validate(job(offload=True, allocation="owl", allocation_options={"spread": 0.05},
+                                        sweep={"sparsities": [0.7, 0.5]}))
+    spec = build_spec(body.model_dump(mode="json"), tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
+    assert spec.offload is True and spec.sweep == (0.5, 0.7)
+    assert spec.allocation.name == "owl" and spec.allocation.spread == 0.05
+    assert spec.allocation.granularity == "block" and spec.allocation.num_samples == 8
