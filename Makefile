@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-quality bench-clip bench-load clean
+.PHONY: install run test lint bench bench-quality bench-clip bench-allocation bench-load clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench-quality: install
 # 0.3/0.5/0.7; minutes. Options as bench-quality: BENCH_ARGS="--append" or "--only wanda-0.5,sparsegpt-0.7".
 bench-clip: install
 	$(BIN)/python bench/quality_clip.py $(BENCH_ARGS)
+
+# Uniform, OWL and ECoFLaP (zeroth and first order) allocations under the protocol, and zeroth-order scoring's
+# cost (BENCH_ARGS="--zeroth"); hours on a small CPU. Resumes by itself; BENCH_ARGS="--only wanda-owl-0.7".
+bench-allocation: install
+	$(BIN)/python bench/allocation.py $(BENCH_ARGS)
 
 # The API under 20 concurrent clients on Postgres + Redis (both must be running locally); about a minute.
 bench-load: install

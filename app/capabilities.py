@@ -13,6 +13,7 @@ CONTRACT_ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4", "4:8")
 ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
+RESTORATIONS = ("sparse-lora", "lora")
 # Families the engine has a tiny test model of (workers/pruning/demo_models.py) and prunes end to end.
 MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
 # Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
@@ -29,6 +30,9 @@ LIMITS = {
     "evaluation_seq_len": 4096,
     "allocation_num_samples": 256,
     "sweep_sparsities": 10,
+    "restore_steps": 100_000,
+    "restore_rank": 256,
+    "restore_batch_size": 256,
     "metadata_keys": 16,
     "metadata_value_chars": 512,
     "list_page_size": 100,
@@ -41,6 +45,7 @@ def capabilities() -> dict[str, Any]:
         "methods": list(METHODS),
         "patterns": list(PATTERNS),
         "allocations": list(ALLOCATIONS),
+        "restorations": list(RESTORATIONS),
         "model_families": list(MODEL_FAMILIES),
         "model_schemes": [f"{s}:" for s in MODEL_SCHEMES],
         "datasets": [{"id": k, "kind": v} for k, v in BUILTIN_DATASETS.items()],

@@ -29,6 +29,14 @@ def check_model_ref(ref: str) -> str:
     return ref
 
 
+def check_dataset_ref(value: str) -> str:
+    # Uploaded datasets (ds_...) are checked against the caller's tenant by the route.
+    if value not in caps.BUILTIN_DATASETS and not _DATASET_ID.match(value):
+        raise ValueError(f"unknown dataset {value!r}; use an uploaded dataset id (ds_...) or one of: "
+                         f"{', '.join(caps.BUILTIN_DATASETS)}")
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,11 +51,7 @@ class Calibration(Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        # Uploaded datasets (ds_...) are checked against the caller's tenant by the route.
-        if value not in caps.BUILTIN_DATASETS and not _DATASET_ID.match(value):
-            raise ValueError(f"unknown dataset {value!r}; use an uploaded dataset id (ds_...) or one of: "
-                             f"{', '.join(caps.BUILTIN_DATASETS)}")
-        return value
+        return check_dataset_ref(value)
 
 
 class Evaluation(Strict):
@@ -85,6 +89,49 @@ class Sweep(Strict):
         return sorted(value)
 
 
+_LAYER_SUFFIX = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+class Restore(Strict):
+    method: Literal["sparse-lora", "lora"] = Field(
+        "sparse-lora", description="sparse-lora keeps exactly the pruned zeros; lora (plain, for comparison) does not")
+    steps: int = Field(200, ge=1, le=caps.LIMITS["restore_steps"])
+    rank: int = Field(8, ge=1, le=caps.LIMITS["restore_rank"])
+    alpha: float = Field(16, gt=0, allow_inf_nan=False, description="the update is scaled by alpha / rank")
+    lr: float = Field(1e-4, gt=0, le=1, description="peak learning rate (AdamW)")
+    distill: float = Field(0.1, ge=0, le=1, description="weight of KL(dense teacher || student) in the loss")
+    batch_size: int = Field(4, ge=1, le=caps.LIMITS["restore_batch_size"])
+    warmup_steps: int | float = Field(10, ge=0, le=caps.LIMITS["restore_steps"],
+                                      description="linear warm-up before the cosine decay: a number of steps (at "
+                                                  "most `steps`), or a fraction in (0, 1)")
+    dataset: str | None = Field(None, description="default: the calibration dataset; else builtin:... or ds_...")
+    targets: list[str] | None = Field(None, min_length=1, max_length=64,
+                                      description="layer-name suffixes to adapt (q_proj, mlp.fc1); default: every "
+                                                  "pruned layer")
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, value: int | float) -> int | float:
+        # More warm-up than steps is not refused: the default (10) must work for a short run; it is capped.
+        if 0 < value < 1:
+            return value
+        if not float(value).is_integer():
+            raise ValueError("must be a whole number of steps or a fraction in (0, 1)")
+        return int(value)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str | None) -> str | None:
+        return value if value is None else check_dataset_ref(value)
+
+    @field_validator("targets")
+    @classmethod
+    def _suffixes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(len(t) > 200 or not _LAYER_SUFFIX.match(t) for t in value):
+            raise ValueError("each target is a layer-name suffix such as q_proj or mlp.fc1")
+        return value
+
+
 class Webhook(Strict):
     url: HttpUrl = Field(description="http(s) URL that receives pruning.job.succeeded|failed|cancelled")
 
@@ -106,7 +153,8 @@ class JobCreate(Strict):
     allocation: Literal["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"] = "uniform"
     allocation_options: AllocationOptions | None = Field(None, validate_default=True)
     targets: dict[str, float] | None = None
-    restore: dict[str, Any] | None = None
+    restore: Restore | None = Field(None, description="LoRA fine-tuning after pruning; sparse-lora keeps the "
+                                                     "model exactly sparse")
     sweep: Sweep | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -161,13 +209,6 @@ class JobCreate(Strict):
                 raise ValueError(f"pattern {pattern} fixes every tower's sparsity at {1 - n / m:g}")
         return value
 
-    @field_validator("restore")
-    @classmethod
-    def _not_yet(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("is not available on this server yet; see GET /v1/capabilities")
-        return value
-
     @field_validator("allocation_options")
     @classmethod
     def _options_fit(cls, value: AllocationOptions | None, info: ValidationInfo) -> AllocationOptions | None:
@@ -203,6 +244,14 @@ class JobCreate(Strict):
         if options is not None and options.max_sparsity is not None and options.max_sparsity < max(value.sparsities):
             raise ValueError(f"allocation_options.max_sparsity ({options.max_sparsity}) is below the sweep's "
                              f"largest sparsity ({max(value.sparsities)})")
+        return value
+
+    @field_validator("offload")
+    @classmethod
+    def _not_with_restore(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("restore") is not None:
+            raise ValueError("cannot be combined with restore: training needs the whole model on the device, "
+                             "which offloading is for models too large to hold")
         return value
 
     @field_validator("metadata")

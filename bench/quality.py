@@ -196,6 +196,15 @@ def _key(row: dict[str, Any]) -> str:
     return json.dumps([row.get("config"), row.get("protocol")], sort_keys=True)
 
 
+def _allocation_rows(dest: Path, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows bench/allocation.py added to the file meanwhile (it may run beside this script): kept, after ours."""
+    if not dest.is_file():
+        return []
+    keys = {_key(row) for row in mine}
+    return [row for row in json.loads(dest.read_text())
+            if row.get("config") not in CONFIGS and _key(row) not in keys]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 calibration and 8 evaluation windows "
@@ -240,7 +249,7 @@ def main() -> int:
         row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
         rows = [old for old in rows if _key(old) != _key(row)] + [row]
         rows.sort(key=_order)  # a re-run row goes back to its place, so tables keep the CONFIGS order
-        write_json(dest, rows)
+        write_json(dest, rows + _allocation_rows(dest, rows))
         _log(f"{name}: done in {time.perf_counter() - start:.0f} s: perplexity {row['perplexity']}, "
              f"prune/forward {row.get('prune_over_dense_forward')}, peak RSS {row['peak_rss_mb']} MB")
     _log(f"results in {dest}" + (f"; failed: {', '.join(failed)}" if failed else ""))

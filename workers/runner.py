@@ -34,6 +34,7 @@ from workers.pruning.spec import (
     JobError,
     Progress,
     PruneSpec,
+    RestoreSpec,
 )
 from workers.score_cache import StoreScoreCache
 from workers.score_cache import prefix_of as score_cache_prefix
@@ -82,12 +83,16 @@ def _run(lease: Lease, scratch: Path, settings: Settings) -> None:
         spec = build_spec(request, resolve_model(request["model"], settings, scratch / "source"), settings)
         spec = replace(spec, calibration=replace(
             spec.calibration, dataset=resolve_dataset(spec.calibration.dataset, tenant_id, settings, scratch)))
+        if spec.restore is not None and spec.restore.dataset is not None:
+            spec = replace(spec, restore=replace(
+                spec.restore, dataset=resolve_dataset(spec.restore.dataset, tenant_id, settings, scratch)))
         result = run_pipeline(spec, scratch / "model", on_progress=lambda p: _record_progress(lease, p),
                               should_cancel=lambda: _cancel_requested(lease),
                               checkpoint=checkpoints.checkpoint_for(lease, tenant_id, scratch / "checkpoint"),
                               score_cache=StoreScoreCache(make_store(settings), score_cache_prefix(tenant_id),
                                                           scratch / "score-cache"))
         _name_dataset_as_submitted(result.report, request)
+        _name_restore_dataset_as_submitted(result.report, request)
         _record_progress(lease, Progress("uploading", 0, 1, "Uploading the pruned model."))
         report_path = scratch / "report.json"
         report_path.write_text(json.dumps(result.report, indent=2, sort_keys=True))
@@ -147,7 +152,16 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
         allocation=AllocationSpec(name=request.get("allocation", "uniform"),
                                   **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
         sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),
+        restore=restore_spec(request.get("restore")),
     )
+
+
+def restore_spec(options: dict[str, Any] | None) -> RestoreSpec | None:
+    """The request's restore object (defaults filled in by the API) as the engine's RestoreSpec."""
+    if options is None:
+        return None
+    targets = options.get("targets")
+    return RestoreSpec(**{**options, "targets": tuple(targets) if targets is not None else None})
 
 
 def resolve_model(ref: str, settings: Settings, dest: Path) -> Path:
@@ -176,6 +190,22 @@ def _name_dataset_as_submitted(report: dict[str, Any], request: dict[str, Any]) 
         report.setdefault("data", {})["dataset"] = submitted
         if report["data"].get("images") not in (None, "synthetic"):  # an image-text upload's images
             report["data"]["images"] = submitted
+
+
+def _name_restore_dataset_as_submitted(report: dict[str, Any], request: dict[str, Any]) -> None:
+    """As for calibration: an uploaded restore dataset is named by its id, not by the file the worker fetched
+    (restoration trains on the calibration dataset unless told otherwise)."""
+    restore = request.get("restore")
+    if not restore:
+        return
+    own = restore.get("dataset")
+    submitted = own or (request.get("calibration") or {}).get("dataset")
+    if not (submitted and submitted.startswith("ds_")):
+        return
+    if own and isinstance(report.get("spec", {}).get("restore"), dict):
+        report["spec"]["restore"]["dataset"] = submitted
+    if isinstance(report.get("data", {}).get("restore"), dict):
+        report["data"]["restore"]["dataset"] = submitted
 
 
 def resolve_dataset(ref: str, tenant_id: str, settings: Settings, scratch: Path) -> str:
@@ -307,6 +337,11 @@ def _summary(metrics: dict[str, Any]) -> str:
     parts = [f"achieved sparsity {metrics['sparsity']['achieved']:.4f}"]
     if "perplexity" in metrics:
         parts.append(f"perplexity {metrics['perplexity']['dense']:.2f} -> {metrics['perplexity']['pruned']:.2f}")
+    if "restore" in metrics:
+        restore = metrics["restore"]
+        kept = "pruned zeros kept" if restore["mask_preserved"] else "pruned zeros not kept"
+        parts.append(f"restored with {restore['method']} in {restore['steps']} steps (loss {restore['loss_first']:.4f} "
+                     f"-> {restore['loss_last']:.4f}, {kept})")
     return "Job succeeded: " + ", ".join(parts) + "."
 
 

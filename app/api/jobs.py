@@ -46,21 +46,51 @@ def check_local_model(settings: SettingsDep, model: str) -> None:
                       "import it with 'prunekit models import'.", param="model")
 
 
-def check_dataset_fits_model(settings: Settings, model: str, dataset_kind: str | None) -> None:
-    """An image-text dataset needs a model with a vision tower. Only a local model can be told apart here, from
-    its config.json (plain JSON); for other models the worker finds out and fails the job (dataset_error)."""
-    if dataset_kind != "image-text" or not model.startswith("local:"):
-        return
+def local_model_type(settings: Settings, model: str) -> str | None:
+    """config.json's model_type of a local model ("gguf" for a GGUF folder); None where it cannot be told."""
+    if not model.startswith("local:"):
+        return None
     assert settings.models_root is not None
     folder = settings.models_root / model.removeprefix("local:")
     try:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):  # a GGUF folder, or a config the worker will refuse itself
         model_type = "gguf" if any(folder.glob("*.gguf")) else None
-    if isinstance(model_type, str) and model_type not in caps.VISION_MODEL_TYPES:
-        raise Problem(422, "incompatible_dataset", f"The calibration dataset is image-text, but {model} is a "
+    return model_type if isinstance(model_type, str) else None
+
+
+def check_restore(session: SessionDep, tenant_id: str, settings: Settings, body: JobCreate) -> None:
+    """The restore dataset exists for this tenant and fits the model; a local CLIP model trains on image-text
+    pairs in batches of at least two (its loss is contrastive). Other mismatches fail the job on the worker."""
+    restore = body.restore
+    if restore is None:
+        return
+    kind = caps.BUILTIN_DATASETS.get(restore.dataset) if restore.dataset is not None else None
+    if restore.dataset is not None and restore.dataset.startswith("ds_"):
+        kind = load_dataset(session, tenant_id, restore.dataset, param="restore.dataset").kind
+    check_dataset_fits_model(settings, body.model, kind, param="restore.dataset")
+    if local_model_type(settings, body.model) != "clip":
+        return
+    if restore.batch_size < 2:
+        raise Problem(422, "invalid_request", "restore.batch_size: a CLIP model is restored with a contrastive "
+                      "loss, which needs at least two image-text pairs per batch", param="restore.batch_size")
+    if kind == "text":
+        raise Problem(422, "incompatible_dataset", "A CLIP model is restored on image-text pairs; "
+                      f"{restore.dataset} is text only.", param="restore.dataset")
+
+
+def check_dataset_fits_model(settings: Settings, model: str, dataset_kind: str | None,
+                             param: str = "calibration.dataset") -> None:
+    """An image-text dataset needs a model with a vision tower. Only a local model can be told apart here, from
+    its config.json (plain JSON); for other models the worker finds out and fails the job (dataset_error)."""
+    if dataset_kind != "image-text":
+        return
+    model_type = local_model_type(settings, model)
+    if model_type is not None and model_type not in caps.VISION_MODEL_TYPES:
+        what = "restore" if param.startswith("restore") else "calibration"
+        raise Problem(422, "incompatible_dataset", f"The {what} dataset is image-text, but {model} is a "
                       f"text-only model ({model_type}) without a vision tower; use a text dataset such as "
-                      "builtin:wiki-en.", param="calibration.dataset")
+                      "builtin:wiki-en.", param=param)
 
 
 @router.post("", status_code=201, response_model=JobOut)
@@ -78,6 +108,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, se
         dataset_kind = load_dataset(session, principal.tenant_id, body.calibration.dataset,
                                     param="calibration.dataset").kind
     check_dataset_fits_model(settings, body.model, dataset_kind)
+    check_restore(session, principal.tenant_id, settings, body)
     request = body.model_dump(mode="json", exclude={"metadata"})
     try:
         job, created = queries.create_job(session, principal.tenant_id, request, body.metadata, idempotency_key)

@@ -157,9 +157,10 @@ def list_datasets(session: Session, tenant_id: str, limit: int, after: str | Non
 
 
 def active_jobs_using_dataset(session: Session, tenant_id: str, dataset_id: str) -> list[str]:
-    """Jobs that have not ended and calibrate on the dataset: deleting it would make them fail."""
+    """Jobs that have not ended and calibrate (or restore) on the dataset: deleting it would make them fail."""
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL)))
-    return [job.id for job in jobs if (job.request.get("calibration") or {}).get("dataset") == dataset_id]
+    return [job.id for job in jobs if dataset_id in ((job.request.get("calibration") or {}).get("dataset"),
+                                                     (job.request.get("restore") or {}).get("dataset"))]
 
 
 # --- Leases: the database decides which worker runs a job -------------------------------------------------

@@ -139,3 +139,41 @@ def test_unknown_dataset_reference_is_refused(client: TestClient, auth: dict[str
                         headers=auth), 422, "calibration.dataset")
     problem(client.post("/v1/jobs", json={**job, "calibration": {"dataset": "/etc/passwd"}}, headers=auth),
             422, "calibration.dataset")
+
+
+def test_restore_dataset_is_checked_against_the_tenant_and_keeps_the_upload_in_use(
+        client: TestClient, auth: dict[str, str], new_key: Callable[[str], str]) -> None:
+    ds = upload(client, auth, "domain.txt", b"words of my domain\n").json()
+    job = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5, "restore": {"dataset": ds["id"]}}
+    other = {"Authorization": f"Bearer {new_key('tenant-b')}"}
+    assert problem(client.post("/v1/jobs", json=job, headers=other), 422, "restore.dataset")["code"] == (
+        "dataset_not_found")
+    problem(client.post("/v1/jobs", json={**job, "restore": {"dataset": "ds_01J0000000000000000000000Z"}},
+                        headers=auth), 422, "restore.dataset")
+    created = client.post("/v1/jobs", json=job, headers=auth)
+    assert created.status_code == 201, created.text
+    assert created.json()["request"]["restore"]["dataset"] == ds["id"]
+    assert problem(client.delete(f"/v1/datasets/{ds['id']}", headers=auth), 409, "id")["code"] == "dataset_in_use"
+    client.post(f"/v1/jobs/{created.json()['id']}/cancel", headers=auth)
+    assert client.delete(f"/v1/datasets/{ds['id']}", headers=auth).status_code == 204
+
+
+def test_restore_dataset_must_fit_the_local_model(client: TestClient, auth: dict[str, str],
+                                                  settings: Settings) -> None:
+    assert settings.models_root is not None
+    (settings.models_root / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    (settings.models_root / "tiny-clip").mkdir()
+    (settings.models_root / "tiny-clip" / "config.json").write_text('{"model_type": "clip"}')
+    llama = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}
+    body = problem(client.post("/v1/jobs", json={**llama, "restore": {"dataset": "builtin:digits"}}, headers=auth),
+                   422, "restore.dataset")
+    assert body["code"] == "incompatible_dataset" and "restore dataset" in body["detail"]
+    clip = {**llama, "model": "local:tiny-clip"}
+    problem(client.post("/v1/jobs", json={**clip, "restore": {"batch_size": 1}}, headers=auth), 422,
+            "restore.batch_size")
+    problem(client.post("/v1/jobs", json={**clip, "restore": {"dataset": "builtin:wiki-en"}}, headers=auth), 422,
+            "restore.dataset")
+    created = client.post("/v1/jobs", json={**clip, "restore": {"dataset": "builtin:digits", "batch_size": 8}},
+                          headers=auth)
+    assert created.status_code == 201, created.text
+    client.post(f"/v1/jobs/{created.json()['id']}/cancel", headers=auth)

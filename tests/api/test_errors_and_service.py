@@ -57,7 +57,10 @@ def assert_problem(response: Any, status: int, param: str | None, code: str | No
     ({"sweep": {"sparsities": [0.5, 0.5]}}, "sweep.sparsities"),
     ({"sweep": {"sparsities": [0.5]}, "pattern": "2:4"}, "sweep"),  # 2:4 fixes the sparsity: nothing to vary
     ({"sweep": {"sparsities": [0.5]}, "targets": {"language": 0.5}}, "sweep"),
-    ({"restore": {"method": "sparse-lora"}}, "restore"),            # in the contract, not yet on this server
+    ({"restore": {"method": "sparse-lora", "rank": 0}}, "restore.rank"),
+    ({"restore": {"lr": 0}}, "restore.lr"),
+    ({"restore": {"method": "qlora"}}, "restore.method"),
+    ({"restore": {}, "offload": True}, "offload"),                   # training needs the whole model on the device
 ])
 def test_invalid_job_fields_name_the_param(client: TestClient, auth: dict[str, str], overrides: dict[str, Any],
                                            param: str) -> None:
@@ -100,6 +103,7 @@ def test_capabilities_list_what_the_server_runs(client: TestClient, auth: dict[s
     assert caps["methods"] == ["magnitude", "wanda", "sparsegpt"]
     assert "unstructured" in caps["patterns"]
     assert caps["allocations"] == ["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"]
+    assert caps["restorations"] == ["sparse-lora", "lora"]
     assert {"id": "builtin:wiki-en", "kind": "text"} in caps["datasets"]
 
 

@@ -294,10 +294,49 @@ def test_api_refuses_bad_targets_naming_the_field(targets: dict[str, float], pat
     assert len(errors) == 1 and _loc_to_param(("body", *errors[0]["loc"])) == "targets"
 
 
-def test_api_still_refuses_restore_which_is_not_available_yet() -> None:
+def test_api_accepts_restore_with_defaults_filled_in() -> None:
+    body = JobCreate.model_validate(job(restore={"method": "sparse-lora", "steps": 50, "warmup_steps": 0.2,
+                                                 "targets": ["q_proj", "mlp.fc1"]}))
+    assert body.restore is not None
+    assert body.model_dump(mode="json")["restore"] == {
+        "method": "sparse-lora", "steps": 50, "rank": 8, "alpha": 16.0, "lr": 1e-4, "distill": 0.1, "batch_size": 4,
+        "warmup_steps": 0.2, "dataset": None, "targets": ["q_proj", "mlp.fc1"]}
+    assert JobCreate.model_validate(job(restore={"method": "lora"})).restore.method == "lora"  # type: ignore[union-attr]
+    assert JobCreate.model_validate(job()).restore is None
+
+
+@pytest.mark.parametrize(("restore", "param"), [
+    ({"rank": 0}, "restore.rank"), ({"rank": 257}, "restore.rank"), ({"steps": 0}, "restore.steps"),
+    ({"steps": 100_001}, "restore.steps"), ({"alpha": 0}, "restore.alpha"), ({"lr": 0}, "restore.lr"),
+    ({"lr": 2}, "restore.lr"), ({"distill": -0.1}, "restore.distill"), ({"distill": 1.5}, "restore.distill"),
+    ({"batch_size": 0}, "restore.batch_size"), ({"batch_size": 257}, "restore.batch_size"),
+    ({"warmup_steps": 2.5}, "restore.warmup_steps"), ({"warmup_steps": -1}, "restore.warmup_steps"),
+    ({"method": "qlora"}, "restore.method"), ({"dataset": "builtin:nope"}, "restore.dataset"),
+    ({"targets": []}, "restore.targets"), ({"targets": ["a b"]}, "restore.targets"), ({"seed": 1}, "restore.seed"),
+])
+def test_api_refuses_bad_restore_options_naming_the_field(restore: dict[str, object], param: str) -> None:
     with pytest.raises(ValidationError) as info:
-        JobCreate.model_validate(job(restore={"method": "sparse-lora"}))
-    assert "not available" in str(info.value)
+        JobCreate.model_validate(job(restore=restore))
+    errors = info.value.errors()
+    assert len(errors) == 1 and _loc_to_param(("body", *errors[0]["loc"])) == param
+
+
+def test_api_refuses_restore_with_offload() -> None:
+    with pytest.raises(ValidationError) as info:
+        JobCreate.model_validate(job(restore={}, offload=True))
+    assert _loc_to_param(("body", *info.value.errors()[0]["loc"])) == "offload"
+
+
+def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
+    from app.config import Settings
+    from workers.pruning.spec import RestoreSpec
+    from workers.runner import build_spec
+
+    body = JobCreate.model_validate(job(restore={"steps": 20, "rank": 4, "targets": ["q_proj"], "warmup_steps": 0.1}))
+    spec = build_spec(body.model_dump(mode="json"), tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
+    assert spec.restore == RestoreSpec(steps=20, rank=4, targets=("q_proj",), warmup_steps=0.1)
+    assert build_spec(JobCreate.model_validate(job()).model_dump(mode="json"), tmp_path,
+                      Settings(PRUNEKIT_VAR_DIR=tmp_path)).restore is None
 
 
 def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:

@@ -223,6 +223,9 @@ def fingerprint(spec: PruneSpec, device: torch.device, dtype: torch.dtype) -> di
     import transformers
 
     plain = json.loads(json.dumps(asdict(spec), default=str))
+    # Restoration runs after pruning and is not checkpointed: it does not decide the pruned weights (and its
+    # dataset is a path of the attempt's own scratch folder).
+    plain.pop("restore", None)
     plain["model_dir"] = digest_path(Path(spec.model_dir))
     dataset = Path(spec.calibration.dataset)
     if dataset.exists():

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from workers.pruning import multimodal
+from workers.pruning import multimodal, restore
 from workers.pruning.allocation import plan as allocation_plan
 from workers.pruning.allocation.plan import ScoreCache
 from workers.pruning.checkpoint import Checkpoint, Resume, digest_path, fingerprint
@@ -35,7 +35,16 @@ from workers.pruning.models import (
 )
 from workers.pruning.patterns import parse_pattern
 from workers.pruning.sequential import ModelInputs, as_inputs, prune_towers
-from workers.pruning.spec import ALLOCATIONS, GRANULARITIES, JobCancelled, JobError, Progress, PruneSpec, Result
+from workers.pruning.spec import (
+    ALLOCATIONS,
+    GRANULARITIES,
+    CalibrationSpec,
+    JobCancelled,
+    JobError,
+    Progress,
+    PruneSpec,
+    Result,
+)
 from workers.pruning.zero_shot import digits_zero_shot_accuracy
 
 CALIBRATION_BATCH = 4  # windows per forward pass while pruning; the captured activations dominate memory
@@ -48,6 +57,7 @@ _MESSAGES = {
     "evaluation_dense": "Measuring the {} of the dense model.",
     "scoring": "Scoring the importance of every layer ({}).",
     "pruning": "Pruning block by block{}.",
+    "restoring": "Restoring the pruned model with {}.",
     "evaluation_pruned": "Measuring the {} of the pruned model.",
     "saving": "Saving the pruned model.",
 }
@@ -74,6 +84,8 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
     _check(spec)
     _check_targets(spec)
     _check_allocation(spec)
+    if spec.restore is not None:
+        restore.check(spec.restore, spec.offload)
     device = resolve_device(spec.device)
     memory = _PeakMemory(device)
     timings: dict[str, float] = {}
@@ -99,6 +111,9 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         num_blocks = sum(len(tower.blocks) for tower, _ in plan)
         requested = spec.calibration.dataset
         cal_spec = replace(spec.calibration, dataset=multimodal.calibration_dataset(model, requested))
+        if spec.restore is not None:
+            restore.check_model(model, loaded.tokenizer, spec.restore, cal_spec,
+                                [name for tower, _ in plan for name in tower_layers(tower)])
         resume: Resume | None = None
         if checkpoint is not None:
             resume = checkpoint.load(fingerprint(spec, device, next(model.parameters()).dtype))
@@ -148,6 +163,13 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
             raw, scoring_info = _scores(spec, model, plan, as_inputs(calibration), device, score_cache,
                                         should_cancel, on_progress)
 
+    # The teacher of restoration: the dense weights of every layer that may be pruned, copied before pruning
+    # (a resumed run restores its pruned blocks inside prune_towers, so the model is still dense here).
+    dense_weights = None
+    if spec.restore is not None and spec.restore.distill > 0:
+        dense_weights = restore.dense_copies({name: layer for tower, _ in plan
+                                              for name, layer in tower_layers(tower).items()})
+
     runs = []
     for number, target in enumerate(sweep or (spec.sparsity,)):
         if number > 0:  # every sparsity of a sweep starts from the dense weights
@@ -173,19 +195,25 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
                                   device=device if spec.offload else None, resume=resume,
                                   after_block=checkpoint.after_block if checkpoint is not None else None,
                                   layer_sparsity=allocation.layer_sparsity if allocation is not None else None)
+        # Reported sparsity covers the layers pruned; layers calibration never reached were left dense.
+        layer_names = [name for tower, _ in plan for name in tower_layers(tower) if name not in unused]
+        restored = None
+        if spec.restore is not None:
+            restored = _restore(spec, model, loaded.tokenizer, layer_names, cal_spec, dense_weights, label,
+                                measured, evaluate, stage, on_progress, should_cancel)
         pruned: dict[str, dict[str, float | None]] = {}
         if measured:
             with stage("evaluation_pruned", what=measured):
                 evaluate(pruned, "pruned")
-        # Reported sparsity covers the layers pruned; layers calibration never reached were left dense.
-        layer_names = [name for tower, _ in plan for name in tower_layers(tower) if name not in unused]
         sparsity = sparsity_report(model, layer_names)
+        if restored is not None:
+            restored["sparsity_after_merge"] = round(sparsity["achieved"], 6)
         folder = output_dir / f"sparsity-{target:g}" if sweep else output_dir
         with stage("saving"):
             save_pretrained_folder(model, loaded.tokenizer, folder,
                                    source=loaded.path if loaded.source == "hf" else None)
         runs.append({"target": target, "plan": plan, "unused": unused, "sparsity": sparsity,
-                     "allocation": allocation, "pruned": pruned, "folder": folder,
+                     "allocation": allocation, "pruned": pruned, "folder": folder, "restore": restored,
                      "per_tower": _per_tower(model, towers, unused)})
 
     # The job's own sparsity (the API makes it one of a sweep's) is the run the top-level metrics describe.
@@ -208,6 +236,8 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
     if raw is not None:
         metrics["allocation"] = {"name": spec.allocation.name, "granularity": spec.allocation.granularity,
                                  **scoring_info, "per_tower": first["allocation"].per_tower}
+    if first["restore"] is not None:
+        metrics["restore"] = {key: value for key, value in first["restore"].items() if key != "data"}
     if sweep:
         metrics["sweep"] = [_sweep_row(run, dense, output_dir) for run in runs]
     report = {
@@ -220,7 +250,7 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
                   "towers": [{"name": t.name, "module": t.prefix, "num_blocks": len(t.blocks),
                               "pruned": any(t is planned for planned, _ in first["plan"])} for t in towers]},
         "unused_layers": first["unused"],
-        "data": dataset_info,
+        "data": dataset_info if first["restore"] is None else {**dataset_info, "restore": first["restore"]["data"]},
         "environment": _environment(device, memory),
         **({"checkpoint": checkpoint.summary()} if checkpoint is not None else {}),
     }
@@ -241,7 +271,38 @@ def _sweep_row(run: dict[str, Any], dense: dict[str, dict[str, float | None]], o
             row[f"dense_{key}"] = dense.get(key, {}).get("dense")
     if run["allocation"] is not None:
         row["allocation_per_tower"] = run["allocation"].per_tower
+    if run["restore"] is not None:
+        row["restore"] = {key: run["restore"][key] for key in _SWEEP_RESTORE_KEYS if key in run["restore"]}
     return row
+
+
+_SWEEP_RESTORE_KEYS = ("loss_first", "loss_last", "mask_preserved", "sparsity_before_merge", "sparsity_after_merge",
+                       "perplexity_before", "accuracy_before", "seconds")
+
+
+def _restore(spec: PruneSpec, model: torch.nn.Module, tokenizer: Any, layer_names: list[str],
+             cal_spec: CalibrationSpec, dense_weights: dict[str, torch.Tensor] | None, label: str, measured: str,
+             evaluate: Callable[[dict[str, dict[str, float | None]], str], None],
+             stage: Callable[..., contextlib.AbstractContextManager[None]],
+             on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    """The restoring stage: the pruned model's quality first (when the job measures it), then fine-tuning."""
+    assert spec.restore is not None
+    name = "SparseLoRA" if spec.restore.method == "sparse-lora" else "plain LoRA"
+    with stage("restoring", total=spec.restore.steps, what=f"{name} ({spec.restore.steps} steps){label}"):
+        before: dict[str, dict[str, float | None]] = {}
+        if measured:
+            on_progress(Progress("restoring", 0, spec.restore.steps,
+                                 f"Measuring the {measured} of the pruned model before restoration{label}."))
+            evaluate(before, "pruned")
+        sparsity_before = sparsity_report(model, layer_names)["achieved"]
+        modules = dict(model.named_modules())
+        restored = restore.restore_pruned(model, tokenizer, {n: modules[n] for n in layer_names}, spec.restore,
+                                          cal_spec, dense_weights, on_progress, should_cancel, label)
+    restored["sparsity_before_merge"] = round(sparsity_before, 6)
+    for key in ("perplexity", "accuracy"):
+        if key in before:
+            restored[f"{key}_before"] = before[key]["pruned"]
+    return restored
 
 
 def _scores(spec: PruneSpec, model: torch.nn.Module, plan: list[tuple[Tower, float]], calibration: ModelInputs,
@@ -262,7 +323,8 @@ def _scores(spec: PruneSpec, model: torch.nn.Module, plan: list[tuple[Tower, flo
         if cached is not None:
             on_progress(Progress("scoring", 1, 1, f"Used cached {spec.allocation.name} scores (key {key[:12]}); "
                                                   "no scoring pass was needed."))
-            return cached, {"cache": "hit", "cache_key": key, "scoring_s": 0.0, "options": options}
+            return cached, {"cache": "hit", "cache_key": key, "scoring_s": 0.0, "options": options,
+                            "cached_scoring_s": cached.get("scoring_s")}
     inputs = allocation_plan.score_inputs(model, calibration, spec.allocation)
     start = time.perf_counter()
 
@@ -273,6 +335,7 @@ def _scores(spec: PruneSpec, model: torch.nn.Module, plan: list[tuple[Tower, flo
     raw = allocation_plan.raw_scores(model, [tower for tower, _ in plan], inputs, spec.allocation,
                                      spec.calibration.seed, should_cancel, step)
     seconds = round(time.perf_counter() - start, 3)
+    raw["scoring_s"] = seconds  # kept with the scores: a later job that reuses them can say what they cost
     info: dict[str, Any] = {"cache": "miss" if cache is not None else None, "scoring_s": seconds, "options": options}
     if cache is not None and key is not None:
         cache.put(key, raw)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "evaluation_pruned", "saving")
+STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "restoring", "evaluation_pruned",
+          "saving")
 
 
 DEFAULT_CALIBRATION_DATASET = "builtin:wiki-en"
@@ -51,6 +52,26 @@ class AllocationSpec:
     spread: float = 0.08  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
 
 
+RESTORE_METHODS = ("sparse-lora", "lora")
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """LoRA fine-tuning after pruning. "sparse-lora" trains and merges (W + s*B*A) masked by the pruned mask, so
+    the merged model keeps exactly the pruned zeros; "lora" is plain LoRA, for comparison (it fills them in)."""
+
+    method: str = "sparse-lora"  # one of RESTORE_METHODS
+    steps: int = 200
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    lr: float = 1e-4
+    distill: float = 0.1  # lambda: loss = (1 - lambda) * task loss + lambda * KL(dense teacher || student)
+    batch_size: int = 4
+    warmup_steps: float = 10  # linear warm-up: a number of steps, or a fraction of `steps` when in (0, 1)
+    dataset: str | None = None  # None: the calibration dataset (as the job resolved it)
+    targets: tuple[str, ...] | None = None  # layer-name suffixes ("q_proj", "mlp.fc1"); None: every pruned layer
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     model_dir: Path  # HF layout (config.json + *.safetensors + tokenizer) or a folder with exactly one .gguf
@@ -69,6 +90,8 @@ class PruneSpec:
     # A sweep: these sparsities from one calibration and scoring pass, one pruned model each (`sparsity` is
     # then ignored; `targets` must be None). Empty for an ordinary job.
     sweep: tuple[float, ...] = ()
+    # Fine-tuning after pruning (every sparsity of a sweep is restored); None: the pruned model is saved as is.
+    restore: RestoreSpec | None = None
 
 
 @dataclass(frozen=True)

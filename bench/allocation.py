@@ -1,0 +1,281 @@
+"""Allocation benchmark (`make bench-allocation`): uniform, OWL, ECoFLaP zeroth- and first-order, each with Wanda
+and SparseGPT at 0.5, 0.6 and 0.7 on SmolLM2-135M under ../shared/benchmark-protocol.md, plus the cost of
+zeroth-order scoring (fast vs naive, and its peak memory against a dense forward pass and first-order scoring).
+
+    python bench/allocation.py                    # every configuration not yet measured (resumes by itself)
+    python bench/allocation.py --only wanda-ecoflap-zeroth-0.7,wanda-owl-0.7
+    python bench/allocation.py --zeroth           # bench/results/zeroth-order.json only
+    python bench/allocation.py --quick            # smoke sizes, separate files
+
+Rows go to bench/results/allocation-smollm2.json and are merged into quality-smollm2.json (same keys as the
+engine's rows, plus scoring_s and the per-block sparsities). Each configuration runs in a fresh process through
+`workers.pruning.pipeline.run`, as a job runs; scores are kept in a local score cache (var/bench/score-cache),
+so each allocation is scored once and reused at every sparsity and method, as the service's cache does:
+`scoring_s` is the cost of that one scoring pass, `scoring_cache` says whether this row computed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import MODEL_DIR, RESULTS_DIR, ROOT, cpu_model, ensure_model, git_commit, peak_rss_mb, write_json
+from quality import FULL, QUICK, SEED, StageRss, protocol
+
+ALLOCATIONS = ("uniform", "owl", "ecoflap-zeroth", "ecoflap-first")
+METHODS = ("wanda", "sparsegpt")
+SPARSITIES = (0.7, 0.5, 0.6)  # 0.7 first: the targets are about it
+ALLOCATION_ORDER = ("owl", "ecoflap-first", "ecoflap-zeroth", "uniform")  # cheapest scoring first
+# How each allocation scores. Zeroth-order perturbs 210 layers twice per sample, each a forward from the
+# layer's block on: on a 2-core CPU, 4 samples of 128 tokens cost about as much as pruning itself.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "owl": {"num_samples": 64},  # OWL reads Wanda's statistics: the whole calibration set, one dense pass
+    "ecoflap-zeroth": {"num_samples": 4, "seq_len": 128},
+    "ecoflap-first": {"num_samples": 4, "seq_len": 128},
+}
+QUICK_OPTIONS: dict[str, dict[str, Any]] = {"owl": {"num_samples": 8}, "ecoflap-zeroth": {"num_samples": 2,
+                                                                                        "seq_len": 64},
+                                            "ecoflap-first": {"num_samples": 2, "seq_len": 64}}
+ZEROTH = {"num_samples": 2, "seq_len": 128}  # the fast-vs-naive comparison: the whole model, twice
+SCORE_CACHE = ROOT / "var" / "bench" / "score-cache"
+
+
+def configs() -> dict[str, tuple[str, str, float]]:
+    """Uniform rows that bench/quality.py measures already (wanda-0.7, ...) are not measured twice."""
+    from quality import CONFIGS
+
+    names = {}
+    for sparsity in SPARSITIES:
+        for method in METHODS:
+            for allocation in ALLOCATION_ORDER:
+                if allocation == "uniform" and f"{method}-{sparsity:g}" in CONFIGS:
+                    continue
+                names[f"{method}-{allocation}-{sparsity:g}"] = (method, allocation, sparsity)
+    return names
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_config(name: str, sizes: dict[str, int], quick: bool) -> dict[str, Any]:
+    import torch
+
+    from workers.pruning import pipeline
+    from workers.pruning.allocation.cache import FolderScoreCache
+    from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, Progress, PruneSpec
+
+    method, allocation, sparsity = configs()[name]
+    samples, eval_samples, seq_len = sizes["calibration_samples"], sizes["evaluation_samples"], sizes["seq_len"]
+    options = (QUICK_OPTIONS if quick else OPTIONS).get(allocation, {})
+    rss = StageRss()
+
+    def progress(p: Progress) -> None:
+        rss.stage = p.stage
+        if p.stage not in ("pruning", "scoring") or p.done == p.total or (p.done and p.done % 30 == 0):
+            _log(f"  {name}: {p.stage} {p.done}/{p.total} {p.message if p.stage == 'scoring' else ''}")
+
+    spec = PruneSpec(model_dir=MODEL_DIR, method=method, sparsity=sparsity,
+                     calibration=CalibrationSpec(num_samples=samples, seq_len=seq_len, seed=SEED),
+                     evaluation=EvaluationSpec(num_samples=eval_samples, seq_len=seq_len), device="cpu",
+                     allocation=AllocationSpec(name=allocation, **options))
+    scratch = ROOT / "var" / "bench" / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    cache = FolderScoreCache(SCORE_CACHE / ("quick" if quick else "full"))
+    with tempfile.TemporaryDirectory(dir=scratch) as out:
+        result = pipeline.run(spec, Path(out) / "model", on_progress=progress, score_cache=cache)
+    metrics, report = result.metrics, result.report
+    chosen = metrics.get("allocation", {})
+    row: dict[str, Any] = {
+        "config": name, "method": method, "allocation": allocation, "pattern": "unstructured", "sparsity": sparsity,
+        "allocation_options": options, "achieved_sparsity": metrics["sparsity"]["achieved"],
+        "perplexity": metrics["perplexity"]["pruned"], "dense_perplexity": metrics["perplexity"]["dense"],
+        "prune_s": metrics["timings_s"]["pruning"], "timings_s": metrics["timings_s"],
+        "scoring_s": (None if allocation == "uniform"
+                      else chosen.get("scoring_s") or chosen.get("cached_scoring_s")),
+        "scoring_cache": chosen.get("cache"),
+        "block_sparsity": ({group["name"].rsplit(".", 1)[-1]: round(group["sparsity"], 4)
+                            for group in report["allocation"]["groups"]} if "allocation" in report else None),
+        "job_peak_rss_mb": metrics["peak_memory_mb"],
+    }
+    gc.collect()
+    row["peak_rss_mb"] = peak_rss_mb()
+    row["stage_peak_rss_mb"] = rss.stop()
+
+    from common import calibration_windows, time_forward
+
+    from workers.pruning.models import load_model
+
+    loaded = load_model(MODEL_DIR, "cpu")
+    windows = calibration_windows(loaded.tokenizer, samples, seq_len, SEED)
+    row["dense_forward_s"] = round(time_forward(loaded.model, windows, pipeline.CALIBRATION_BATCH), 3)
+    row["prune_over_dense_forward"] = round(row["prune_s"] / row["dense_forward_s"], 3)
+    if row["scoring_s"] is not None:
+        row["scoring_over_dense_forward"] = round(row["scoring_s"] / row["dense_forward_s"], 3)
+    row.update({"threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__})
+    return row
+
+
+# --- zeroth-order scoring: fast vs naive, memory ------------------------------------------------------------
+
+
+def zeroth_child(mode: str, out: Path) -> dict[str, Any]:
+    """One measurement in this (fresh) process: `dense` (one forward over the scoring batch), `fast`, `naive`
+    (zeroth-order scoring) or `first` (first-order scoring)."""
+    import torch
+    from common import calibration_windows
+
+    from workers.pruning.allocation import scoring
+    from workers.pruning.models import find_towers, load_model
+    from workers.pruning.sequential import ModelInputs
+
+    loaded = load_model(MODEL_DIR, "cpu")
+    model = loaded.model
+    windows = calibration_windows(loaded.tokenizer, ZEROTH["num_samples"], ZEROTH["seq_len"], SEED)
+    inputs = ModelInputs({"input_ids": windows}, {"use_cache": False})
+    towers = find_towers(model)
+    gc.collect()
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    scores: dict[str, float] = {}
+    if mode == "dense":
+        with torch.inference_mode():
+            for row in range(windows.shape[0]):  # batch 1, as scoring runs
+                scoring.model_loss(model, {"input_ids": windows[row:row + 1], "use_cache": False})
+    elif mode in ("fast", "naive"):
+        scores = scoring.zeroth_order_scores(model, towers, inputs, fast=mode == "fast")
+    else:
+        scores = scoring.first_order_scores(model, towers, inputs)
+    seconds = time.perf_counter() - start
+    out.write_text(json.dumps(scores))
+    return {"mode": mode, "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb(),
+            "rss_before_mb": before, "num_layers": len(scores)}
+
+
+def zeroth_benchmark(commit: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("dense", "fast", "naive", "first"):
+            _log(f"zeroth-order: {mode}")
+            path = Path(tmp) / f"{mode}.json"
+            child = subprocess.run([sys.executable, __file__, "--zeroth-child", mode, str(path)],
+                                   stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True)
+            results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+            results[mode]["scores"] = json.loads(path.read_text())
+    fast, naive = results["fast"].pop("scores"), results["naive"].pop("scores")
+    first = results["first"].pop("scores")
+    results["dense"].pop("scores")
+    import torch
+
+    return {
+        "protocol": {"name": "benchmark-protocol.md", "model": "smollm2-135m", "dataset": "builtin:wiki-en",
+                     "dtype": "float32", "device": "cpu", "seed": SEED, **ZEROTH, "batch_size": 1, "eps": 1e-3},
+        "runs": results,
+        "fast_over_naive_speedup": round(results["naive"]["seconds"] / results["fast"]["seconds"], 3),
+        "identical_scores": fast == naive,
+        "num_layers": len(fast),
+        "zeroth_rss_over_dense_forward": round(results["fast"]["peak_rss_mb"] / results["dense"]["peak_rss_mb"], 3),
+        "first_rss_over_dense_forward": round(results["first"]["peak_rss_mb"] / results["dense"]["peak_rss_mb"], 3),
+        "rank_agreement_zeroth_vs_first": _spearman(fast, first),
+        "commit": commit, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def _spearman(a: dict[str, float], b: dict[str, float]) -> float:
+    names = sorted(a)
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = rank
+        return result
+
+    ra, rb = ranks([a[n] for n in names]), ranks([b[n] for n in names])
+    n = len(names)
+    return round(1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1)), 4)
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+
+
+def _key(row: dict[str, Any]) -> str:
+    return json.dumps([row.get("config"), row.get("protocol")], sort_keys=True)
+
+
+def merge_into_quality(rows: list[dict[str, Any]], quick: bool) -> None:
+    """Adds (or replaces) these rows in quality-smollm2.json, re-read just before writing."""
+    dest = RESULTS_DIR / ("quality-smollm2-quick.json" if quick else "quality-smollm2.json")
+    existing = json.loads(dest.read_text()) if dest.is_file() else []
+    keys = {_key(row) for row in rows}
+    write_json(dest, [row for row in existing if _key(row) not in keys] + rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke sizes, written to *-quick.json files")
+    parser.add_argument("--only", help="comma-separated configurations, e.g. wanda-owl-0.7")
+    parser.add_argument("--zeroth", action="store_true", help="only the zeroth-order scoring benchmark")
+    parser.add_argument("--merge", action="store_true", help="only merge allocation rows into quality-smollm2.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--zeroth-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    if args.one:
+        print(json.dumps(run_config(args.one, sizes, args.quick)), flush=True)
+        return 0
+    if args.zeroth_child:
+        print(json.dumps(zeroth_child(args.zeroth_child[0], Path(args.zeroth_child[1]))), flush=True)
+        return 0
+
+    ensure_model()
+    commit = git_commit()
+    if args.zeroth:
+        result = zeroth_benchmark(commit)
+        write_json(RESULTS_DIR / "zeroth-order.json", result)
+        _log(f"zeroth-order: fast {result['runs']['fast']['seconds']} s, naive {result['runs']['naive']['seconds']} "
+             f"s ({result['fast_over_naive_speedup']}x), identical {result['identical_scores']}")
+        return 0
+    dest = RESULTS_DIR / ("allocation-smollm2-quick.json" if args.quick else "allocation-smollm2.json")
+    rows: list[dict[str, Any]] = json.loads(dest.read_text()) if dest.is_file() else []
+    if args.merge:
+        merge_into_quality(rows, args.quick)
+        return 0
+    known = configs()
+    names = list(known) if not args.only else [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    proto = protocol(sizes)
+    done = {_key(row) for row in rows}
+    failed = []
+    for name in names:
+        if not args.only and _key({"config": name, "protocol": proto}) in done:
+            _log(f"{name}: already measured, skipped")
+            continue
+        _log(f"{name}: running")
+        start = time.perf_counter()
+        cmd = [sys.executable, __file__, "--one", name] + (["--quick"] if args.quick else [])
+        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        if child.returncode != 0:
+            _log(f"{name}: FAILED (exit {child.returncode}); the others go on")
+            failed.append(name)
+            continue
+        row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
+        rows = [old for old in rows if _key(old) != _key(row)] + [row]
+        write_json(dest, rows)
+        merge_into_quality(rows, args.quick)
+        _log(f"{name}: done in {time.perf_counter() - start:.0f} s: perplexity {row['perplexity']}, "
+             f"scoring {row['scoring_s']} s ({row['scoring_cache']}), prune/forward {row['prune_over_dense_forward']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
