@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
@@ -144,3 +145,14 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         import redis
 
         redis.Redis.from_url(REDIS_URL).delete(queue)
+
+
+def run_job(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """Submits a job and waits for it; it must succeed (the assertion message carries the service's logs)."""
+    from tests.integration.test_job_flow import wait_until_ended
+
+    submitted = service.http.post("/v1/jobs", json=body)
+    assert submitted.status_code == 201, submitted.text
+    job = wait_until_ended(service.http, submitted.json()["id"], service)
+    assert job["status"] == "succeeded", f"{job['error']}{service.log_tail()}"
+    return job

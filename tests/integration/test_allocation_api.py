@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Service, start_service, stop_service
-from tests.integration.test_job_flow import download_artifacts, wait_until_ended
+from tests.integration.conftest import Service, run_job, start_service, stop_service
+from tests.integration.test_job_flow import download_artifacts
 from workers.pruning.demo_models import TINY_BUILDERS
 from workers.pruning.models import load_model, prunable_layers, weight_matrix
 from workers.pruning.patterns import prune_count
@@ -30,14 +30,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iter
         yield running, clip
     finally:
         stop_service(running)
-
-
-def _run(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    submitted = service.http.post("/v1/jobs", json=body)
-    assert submitted.status_code == 201, submitted.text
-    job = wait_until_ended(service.http, submitted.json()["id"], service)
-    assert job["status"] == "succeeded", f"{job['error']}{service.log_tail()}"
-    return job
 
 
 def _events(service: Service, job_id: str) -> list[dict[str, Any]]:
@@ -71,7 +63,7 @@ def _check_model_follows_report(folder: Path, report: dict[str, Any], target: fl
 def test_allocation_on_tiny_llama_prunes_each_block_at_its_own_ratio(service: tuple[Service, str], tmp_path: Path,
                                                                     allocation: str) -> None:
     running, _ = service
-    job = _run(running, {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.6, "allocation": allocation,
+    job = run_job(running, {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.6, "allocation": allocation,
                          "allocation_options": {"num_samples": 2, "granularity": "layer"}, **SMALL})
     assert job["request"]["allocation_options"]["granularity"] == "layer"
     info = job["metrics"]["allocation"]
@@ -88,7 +80,7 @@ def test_allocation_on_tiny_llama_prunes_each_block_at_its_own_ratio(service: tu
 def test_allocation_on_tiny_clip_is_joint_across_the_towers(service: tuple[Service, str], tmp_path: Path,
                                                            allocation: str) -> None:
     running, clip = service
-    job = _run(running, {"model": f"local:{clip}", "method": "wanda", "sparsity": 0.5, "allocation": allocation,
+    job = run_job(running, {"model": f"local:{clip}", "method": "wanda", "sparsity": 0.5, "allocation": allocation,
                          "allocation_options": {"num_samples": 16},
                          "calibration": {"dataset": "builtin:digits", "num_samples": 16}})
     chosen = job["metrics"]["allocation"]["per_tower"]
@@ -102,7 +94,7 @@ def test_allocation_on_tiny_clip_is_joint_across_the_towers(service: tuple[Servi
 
 def test_per_tower_targets_are_each_met_by_their_own_allocation(service: tuple[Service, str]) -> None:
     running, clip = service
-    job = _run(running, {"model": f"local:{clip}", "method": "wanda", "sparsity": 0.5, "allocation": "owl",
+    job = run_job(running, {"model": f"local:{clip}", "method": "wanda", "sparsity": 0.5, "allocation": "owl",
                          "targets": {"vision": 0.4, "language": 0.6},
                          "calibration": {"dataset": "builtin:digits", "num_samples": 16}})
     assert job["metrics"]["allocation"]["per_tower"] == {"vision": pytest.approx(0.4, abs=1e-6),
@@ -115,8 +107,8 @@ def test_a_second_job_with_the_same_scoring_options_uses_the_cached_scores(servi
     options = {"num_samples": 2, "eps": 0.002}
     body = {"model": "local:tiny-llama", "method": "wanda", "allocation": "ecoflap-zeroth",
             "allocation_options": options, **SMALL}
-    first = _run(running, {**body, "sparsity": 0.5})
-    second = _run(running, {**body, "sparsity": 0.7, "method": "sparsegpt"})
+    first = run_job(running, {**body, "sparsity": 0.5})
+    second = run_job(running, {**body, "sparsity": 0.7, "method": "sparsegpt"})
     assert first["metrics"]["allocation"]["cache"] == "miss"
     assert second["metrics"]["allocation"]["cache"] == "hit"
     assert second["metrics"]["allocation"]["scoring_s"] == 0.0
@@ -130,14 +122,14 @@ def test_a_second_job_with_the_same_scoring_options_uses_the_cached_scores(servi
     scores = [{g["name"]: g["score"] for g in report["allocation"]["groups"]} for report in reports]
     assert scores[0] == scores[1]
     # Another seed is another set of directions: scored afresh.
-    third = _run(running, {**body, "sparsity": 0.5, "calibration": {**SMALL["calibration"], "seed": 1}})
+    third = run_job(running, {**body, "sparsity": 0.5, "calibration": {**SMALL["calibration"], "seed": 1}})
     assert third["metrics"]["allocation"]["cache"] == "miss"
 
 
 def test_a_sweep_gives_one_model_and_one_metrics_row_per_sparsity(service: tuple[Service, str],
                                                                  tmp_path: Path) -> None:
     running, _ = service
-    job = _run(running, {"model": "local:tiny-llama", "method": "wanda", "allocation": "ecoflap-first",
+    job = run_job(running, {"model": "local:tiny-llama", "method": "wanda", "allocation": "ecoflap-first",
                          "allocation_options": {"num_samples": 2}, "sweep": {"sparsities": [0.6, 0.3]}, **SMALL})
     assert job["request"]["sparsity"] == 0.3 and job["request"]["sweep"]["sparsities"] == [0.3, 0.6]
     rows = job["metrics"]["sweep"]

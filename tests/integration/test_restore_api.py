@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Service, start_service, stop_service
-from tests.integration.test_job_flow import download_artifacts, wait_until_ended
+from tests.integration.conftest import Service, run_job, start_service, stop_service
+from tests.integration.test_job_flow import download_artifacts
 from workers.pruning.data import BUILTIN_WIKI_EN, load_text
 from workers.pruning.models import load_model, prunable_layers, weight_matrix
 from workers.pruning.patterns import prune_count
@@ -32,21 +32,13 @@ def service(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iter
         stop_service(running)
 
 
-def _run(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    submitted = service.http.post("/v1/jobs", json=body)
-    assert submitted.status_code == 201, submitted.text
-    job = wait_until_ended(service.http, submitted.json()["id"], service)
-    assert job["status"] == "succeeded", f"{job['error']}{service.log_tail()}"
-    return job
-
-
 def _zeros(folder: Path) -> dict[str, Any]:
     return {name: weight_matrix(layer) == 0 for name, layer in prunable_layers(load_model(folder).model).items()}
 
 
 def test_sparse_lora_job_trains_and_keeps_exactly_the_pruned_zeros(service: Service, tmp_path: Path) -> None:
-    plain = _run(service, JOB)
-    job = _run(service, {**JOB, "restore": {"method": "sparse-lora", "steps": 20, "rank": 4, "lr": 1e-3,
+    plain = run_job(service, JOB)
+    job = run_job(service, {**JOB, "restore": {"method": "sparse-lora", "steps": 20, "rank": 4, "lr": 1e-3,
                                             "warmup_steps": 0.1}})
     assert job["request"]["restore"]["distill"] == 0.1  # defaults filled in
 
@@ -81,7 +73,7 @@ def test_plain_lora_reports_the_sparsity_it_lost_and_uploads_restore_on_their_da
     uploaded = service.http.post("/v1/datasets", files={"file": ("domain.txt", text, "text/plain")})
     assert uploaded.status_code == 201, uploaded.text
     ds = uploaded.json()["id"]
-    job = _run(service, {**JOB, "restore": {"method": "lora", "steps": 3, "rank": 2, "dataset": ds}})
+    job = run_job(service, {**JOB, "restore": {"method": "lora", "steps": 3, "rank": 2, "dataset": ds}})
     info = job["metrics"]["restore"]
     assert info["mask_preserved"] is False and info["sparsity_before_merge"] == 0.5
     assert info["sparsity_after_merge"] == job["metrics"]["sparsity"]["achieved"] < 0.01

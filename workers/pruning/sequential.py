@@ -112,7 +112,7 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, batch_args: list[BlockArgs], batch_size: int,
+def run_block(block: nn.Module, hidden: torch.Tensor, batch_args: list[BlockArgs], batch_size: int,
                write_back: bool) -> None:
     """Runs the block over all inputs; with write_back, its outputs replace the inputs batch by batch."""
     for (args, kwargs), start in zip(batch_args, range(0, hidden.shape[0], batch_size), strict=True):
@@ -182,7 +182,7 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
             with _on(block, device):
                 linears = block_linears(block)
                 stats = ({} if hidden is None
-                         else _gather_stats(block, linears, method, hidden, batch_args, batch_size))
+                         else gather_stats(block, linears, method, hidden, batch_args, batch_size))
                 for name, layer in linears.items():
                     if hidden is not None and name not in stats:
                         unused.append(f"{index}.{name}")
@@ -193,7 +193,7 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sp
                     if ratio > 0.0:
                         weight.copy_(method.prune(weight, stats.get(name), ratio, pattern))
                 if hidden is not None and index + 1 < len(blocks):
-                    _run_block(block, hidden, batch_args, batch_size, write_back=True)
+                    run_block(block, hidden, batch_args, batch_size, write_back=True)
             if after_block is not None:
                 after_block(index, hidden if index + 1 < len(blocks) else None, unused)
             if on_block is not None:
@@ -253,7 +253,7 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
     return unused
 
 
-def _gather_stats(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
+def gather_stats(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
                   batch_args: list[BlockArgs], batch_size: int) -> dict[str, Any]:
     """Statistics of every layer the calibration data reaches; a layer never called gets no entry."""
     assert method.new_stats is not None
@@ -268,7 +268,7 @@ def _gather_stats(block: nn.Module, linears: dict[str, nn.Module], method: Metho
 
     handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
     try:
-        _run_block(block, hidden, batch_args, batch_size, write_back=False)
+        run_block(block, hidden, batch_args, batch_size, write_back=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from workers.pruning import multimodal
-from workers.pruning.methods import wanda
+from workers.pruning.methods import METHODS, wanda
 from workers.pruning.models import Tower, block_linears, weight_matrix
-from workers.pruning.sequential import ModelInputs, _run_block, capture_block_inputs
+from workers.pruning.sequential import ModelInputs, capture_block_inputs, gather_stats, run_block
 from workers.pruning.spec import JobCancelled
 
 OUTLIER_MULTIPLE = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M times the mean
@@ -133,7 +133,7 @@ def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: Model
                     scores[full] = total_abs
                     on_layer(len(scores), total)
                 if fast and hidden is not None and index + 1 < len(tower.blocks):
-                    _run_block(block, hidden, block_args, batch_size, write_back=True)
+                    run_block(block, hidden, block_args, batch_size, write_back=True)
     return scores
 
 
@@ -227,7 +227,7 @@ def outlier_ratios(model: nn.Module, towers: Sequence[Tower], inputs: ModelInput
                 if should_cancel():
                     raise JobCancelled("cancelled while scoring")
                 linears = block_linears(block)
-                norms = _input_norms(block, linears, hidden, block_args, batch_size)
+                norms = gather_stats(block, linears, METHODS["wanda"], hidden, block_args, batch_size)
                 metrics = {name: wanda.scores(weight_matrix(layer), norms[name].norms()).flatten()
                            for name, layer in linears.items() if name in norms}
                 if per_layer:
@@ -236,29 +236,9 @@ def outlier_ratios(model: nn.Module, towers: Sequence[Tower], inputs: ModelInput
                 elif metrics:
                     counts[f"{tower.prefix}.{index}"] = _count_outliers(torch.cat(list(metrics.values())), multiple)
                 if index + 1 < len(tower.blocks):
-                    _run_block(block, hidden, block_args, batch_size, write_back=True)
+                    run_block(block, hidden, block_args, batch_size, write_back=True)
     return counts
 
 
 def _count_outliers(metric: torch.Tensor, multiple: float) -> tuple[int, int]:
     return int((metric > multiple * metric.mean()).sum()), metric.numel()
-
-
-def _input_norms(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor,
-                 block_args: list[Any], batch_size: int) -> dict[str, wanda.InputNorms]:
-    norms: dict[str, wanda.InputNorms] = {}
-
-    def hook(name: str, layer: nn.Module) -> Callable[..., None]:
-        def add(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-            if name not in norms:
-                norms[name] = wanda.InputNorms(weight_matrix(layer).shape[1], hidden.device)
-            norms[name].add(args[0])
-        return add
-
-    handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
-    try:
-        _run_block(block, hidden, block_args, batch_size, write_back=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return norms
