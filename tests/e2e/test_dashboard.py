@@ -392,3 +392,37 @@ def test_sign_out_forgets_the_key(driver: Any, dashboard_service: Service) -> No
     notice = wait(driver, 10, "the sign-in form with a notice", css("form.signin .form-error"))
     assert "rejected" in notice.text
     assert driver.execute_script("return localStorage.getItem('prunekit.apiKey')") is None
+
+
+def test_a_sweep_with_an_allocation_from_the_form_draws_its_curve(driver: Any, dashboard_service: Service) -> None:
+    sign_in(driver, dashboard_service)
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/new")
+    wait(driver, 10, "the capabilities in the form", css("form.job-form[data-ready='true']"))
+    allocations = [o.get_attribute("value") for o in Select(driver.find_element(By.NAME, "allocation")).options]
+    assert allocations == dashboard_service.http.get("/v1/capabilities").json()["allocations"]
+    set_value(driver, "model", "local:tiny-llama")
+    Select(driver.find_element(By.NAME, "allocation")).select_by_value("owl")
+    set_value(driver, "sweep.sparsities", "0.3, 0.6")
+    set_value(driver, "calibration.num_samples", "4")
+    set_value(driver, "calibration.seq_len", "32")
+    set_value(driver, "evaluation.num_samples", "2")
+    set_value(driver, "evaluation.seq_len", "32")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
+    job_id = re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+    try:
+        wait(driver, 90, "the sweep chart", css("main[data-status='succeeded'] #sweep-chart svg.sweep-chart"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{dashboard_service.log_tail()}") from exc
+    job = dashboard_service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["request"]["sweep"] == {"sparsities": [0.3, 0.6]} and job["request"]["allocation"] == "owl"
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#sweep-chart circle.sweep-point")) == 2
+    summary = driver.find_element(By.CSS_SELECTOR, "main").text
+    assert "owl (block)" in summary and "sweep: 30%, 60%" in summary
+
+    # A sparsity the sweep leaves out of its range is refused, and the field is marked.
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/new")
+    wait(driver, 10, "the capabilities in the form", css("form.job-form[data-ready='true']"))
+    set_value(driver, "sweep.sparsities", "0.5, 1.5")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "the sweep field marked invalid", css(".field.invalid[data-field='sweep.sparsities']"))

@@ -76,7 +76,7 @@ def test_allocation_on_tiny_llama_prunes_each_block_at_its_own_ratio(service: tu
         assert max(group["sparsity"] for group in report["allocation"]["groups"]) <= 0.7 + 1e-9
 
 
-@pytest.mark.parametrize("allocation", ["ecoflap-zeroth", "owl"])
+@pytest.mark.parametrize("allocation", ["ecoflap-zeroth", "ecoflap-first", "owl"])
 def test_allocation_on_tiny_clip_is_joint_across_the_towers(service: tuple[Service, str], tmp_path: Path,
                                                            allocation: str) -> None:
     running, clip = service

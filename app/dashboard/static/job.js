@@ -13,6 +13,18 @@ function kv(rows) {
   return h("dl", { class: "kv" }, rows.filter(Boolean).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
 
+/** "owl (block)", then what it chose per tower and whether the scores came from the cache. */
+function allocationSummary(request, chosen) {
+  const name = request.allocation || "uniform";
+  if (name === "uniform") return name;
+  const parts = [`${name} (${request.allocation_options?.granularity || "block"})`];
+  if (chosen?.per_tower) {
+    parts.push(Object.entries(chosen.per_tower).map(([tower, v]) => `${tower} ${fmtPct(v, 1)}`).join(", "));
+  }
+  if (chosen?.cache === "hit") parts.push("cached scores");
+  return parts.join(" · ");
+}
+
 function requestSummary(job) {
   const r = job.request || {};
   const cal = r.calibration || {};
@@ -21,9 +33,10 @@ function requestSummary(job) {
   return kv([
     ["Model", h("span", { class: "mono" }, r.model || "—")],
     ["Method", r.method || "—"],
-    ["Target sparsity", fmtPct(r.sparsity, 1)],
+    ["Target sparsity", r.sweep ? `sweep: ${r.sweep.sparsities.map((v) => fmtPct(v, 0)).join(", ")}`
+      : fmtPct(r.sparsity, 1)],
     ["Pattern", r.pattern || "unstructured"],
-    ["Allocation", r.allocation || "uniform"],
+    ["Allocation", allocationSummary(r, job.metrics?.allocation)],
     ["Calibration", `${cal.dataset || "—"}, ${cal.num_samples ?? "?"} × ${cal.seq_len ?? "?"} tokens, seed ${cal.seed ?? 0}`],
     ["Evaluation", ev.perplexity === false ? "off" : `perplexity, ${ev.num_samples ?? "?"} × ${ev.seq_len ?? "?"} tokens`],
     ["Created", fmtTime(job.created_at)],

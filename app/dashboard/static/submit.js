@@ -22,6 +22,9 @@ export function submitView(root, { capabilities }) {
   const controller = new AbortController();
   const method = h("select", {}, h("option", { value: "wanda" }, "wanda"));
   const pattern = h("select", {}, h("option", { value: "unstructured" }, "unstructured"));
+  const allocation = h("select", {}, h("option", { value: "uniform" }, "uniform"));
+  const sweep = h("input", { type: "text", value: "", placeholder: "e.g. 0.5, 0.6, 0.7", autocomplete: "off",
+    inputmode: "decimal" });
   const dataset = h("select", {}, h("option", { value: "builtin:wiki-en" }, "builtin:wiki-en"));
   const evalOn = h("input", { type: "checkbox", checked: true, id: "f-evaluation-perplexity",
     name: "evaluation.perplexity" });
@@ -40,7 +43,12 @@ export function submitView(root, { capabilities }) {
         field("method", "Method", method, "what this server runs (GET /v1/capabilities)"),
         field("pattern", "Pattern", pattern, "which weights may be zeroed together"),
         field("sparsity", "Sparsity", num({ value: 0.5, min: 0.01, max: 0.99, step: 0.01, required: true }),
-          "fraction of each layer's weights set to zero, between 0 and 1"))),
+          "fraction of each layer's weights set to zero, between 0 and 1")),
+      h("div", { class: "row" },
+        field("allocation", "Allocation", allocation,
+          "uniform: every layer at the target; ecoflap-*, owl: per-block sparsity from a global score"),
+        field("sweep.sparsities", "Sweep (optional)", sweep,
+          "several sparsities from one scoring pass: one model each, and a perplexity curve"))),
     h("fieldset", {},
       h("legend", {}, "Calibration"),
       h("div", { class: "row" },
@@ -75,6 +83,7 @@ export function submitView(root, { capabilities }) {
     };
     fill(method, caps.methods, caps.methods.includes("wanda") ? "wanda" : caps.methods[0]);
     fill(pattern, caps.patterns);
+    fill(allocation, caps.allocations, "uniform");
     fill(dataset, caps.datasets.filter((d) => d.kind === "text").map((d) => d.id));
     form.dataset.ready = "true";
   }).catch((err) => {
@@ -116,11 +125,14 @@ export function submitView(root, { capabilities }) {
     const evaluation = evalOn.checked
       ? { perplexity: true, num_samples: number("evaluation.num_samples"), seq_len: number("evaluation.seq_len") }
       : { perplexity: false };
+    // A sweep names its own sparsities; the single sparsity is then left to the server (the sweep's lowest).
+    const sweepValues = sweep.value.split(/[\s,;]+/).filter(Boolean).map(Number);
     return {
       model: value("model"),
       method: method.value,
       pattern: pattern.value,
-      sparsity: number("sparsity"),
+      ...(sweepValues.length ? { sweep: { sparsities: sweepValues } } : { sparsity: number("sparsity") }),
+      allocation: allocation.value,
       calibration: { dataset: dataset.value, num_samples: number("calibration.num_samples"),
         seq_len: number("calibration.seq_len") },
       evaluation,
