@@ -48,11 +48,19 @@ NUM_SAMPLES = 128  # image-caption pairs of the train split (about 1,440), drawn
 REPEATS = 5  # timed dense forward passes; the median is the baseline
 DEST = RESULTS_DIR / "quality-digits-clip.json"
 
-# name -> (method, target sparsity); every configuration is unstructured with a uniform allocation.
-CONFIGS: dict[str, tuple[str, float]] = {"dense": ("dense", 0.0)}
+# name -> (method, target sparsity, allocation); every configuration is unstructured. The allocations are joint
+# over both towers (ECoFLaP's setting): the split they choose is in each row (`allocation_per_tower`).
+CONFIGS: dict[str, tuple[str, float, str]] = {"dense": ("dense", 0.0, "uniform")}
 for _method in ("magnitude", "wanda", "sparsegpt"):
     for _sparsity in (0.3, 0.5, 0.7):
-        CONFIGS[f"{_method}-{_sparsity}"] = (_method, _sparsity)
+        CONFIGS[f"{_method}-{_sparsity}"] = (_method, _sparsity, "uniform")
+for _allocation in ("owl", "ecoflap-first", "ecoflap-zeroth"):
+    for _method in ("wanda", "sparsegpt"):
+        for _sparsity in (0.5, 0.7):
+            CONFIGS[f"{_method}-{_allocation}-{_sparsity}"] = (_method, _sparsity, _allocation)
+# Scoring data: 32 pairs in batches of 8 (a contrastive loss needs several pairs); OWL reads all 128.
+ALLOCATION_OPTIONS = {"owl": {"num_samples": NUM_SAMPLES}, "ecoflap-first": {"num_samples": 32},
+                      "ecoflap-zeroth": {"num_samples": 32}}
 
 
 def protocol() -> dict[str, Any]:
@@ -73,10 +81,10 @@ def run_config(name: str, threads: int) -> dict[str, Any]:
 
     from workers.pruning import multimodal, pipeline
     from workers.pruning.models import load_model
-    from workers.pruning.spec import CalibrationSpec, EvaluationSpec, Progress, PruneSpec
+    from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, Progress, PruneSpec
 
-    method, sparsity = CONFIGS[name]
-    row: dict[str, Any] = {"config": name, "method": method, "allocation": "uniform",
+    method, sparsity, allocation = CONFIGS[name]
+    row: dict[str, Any] = {"config": name, "method": method, "allocation": allocation,
                            "pattern": None if method == "dense" else "unstructured", "sparsity": sparsity}
     # The calibration a job gets: left at the default dataset, a CLIP job calibrates on builtin:digits.
     calibration = CalibrationSpec(num_samples=NUM_SAMPLES, seed=SEED)
@@ -88,8 +96,10 @@ def run_config(name: str, threads: int) -> dict[str, Any]:
             if p.done == p.total and p.total > 1:
                 _log(f"  {name}: {p.stage} {p.done}/{p.total}")
 
+        options = ALLOCATION_OPTIONS.get(allocation, {})
         spec = PruneSpec(model_dir=MODEL_DIR, method=method, sparsity=sparsity, pattern="unstructured",
-                         calibration=calibration, evaluation=evaluation, device="cpu")
+                         calibration=calibration, evaluation=evaluation, device="cpu",
+                         allocation=AllocationSpec(name=allocation, **options))
         scratch = ROOT / "var" / "bench" / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch) as out:
@@ -101,6 +111,8 @@ def run_config(name: str, threads: int) -> dict[str, Any]:
                     "accuracy": metrics["accuracy"]["pruned"], "dense_accuracy": metrics["accuracy"]["dense"],
                     "prune_s": metrics["timings_s"]["pruning"], "timings_s": metrics["timings_s"],
                     "job_peak_rss_mb": metrics["peak_memory_mb"],
+                    **({"allocation_options": options, "allocation_per_tower": metrics["allocation"]["per_tower"],
+                        "scoring_s": metrics["allocation"]["scoring_s"]} if "allocation" in metrics else {}),
                     "calibration_data": {key: result.report["data"].get(key)
                                          for key in ("dataset", "dataset_requested", "images", "num_samples")}})
     gc.collect()
@@ -117,6 +129,8 @@ def run_config(name: str, threads: int) -> dict[str, Any]:
     row["dense_forward_runs_s"] = [round(seconds, 4) for seconds in runs]
     row["prune_over_dense_forward"] = (None if row["prune_s"] is None
                                        else round(row["prune_s"] / row["dense_forward_s"], 3))
+    if row.get("scoring_s") is not None:
+        row["scoring_over_dense_forward"] = round(row["scoring_s"] / row["dense_forward_s"], 3)
     row.update({"calibration_shapes": {key: list(value.shape) for key, value in inputs.tensors.items()},
                 "threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__})
     return row

@@ -30,6 +30,7 @@ def _yes_no(value: Any) -> str:
 COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("config", "config", str),
     ("method", "method", str),
+    ("allocation", "allocation", str),
     ("pattern", "pattern", str),
     ("sparsity", "target", _num(2)),
     ("achieved_sparsity", "achieved", _num(6)),
@@ -38,7 +39,9 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("accuracy", "accuracy", _num(4)),
     ("dense_accuracy", "dense acc", _num(4)),
     ("per_tower_sparsity", "per tower", lambda v: ", ".join(f"{k} {x:.4f}" for k, x in v.items())),
+    ("allocation_per_tower", "split chosen", lambda v: ", ".join(f"{k} {x:.3f}" for k, x in v.items())),
     ("prune_over_dense_forward", "prune / dense fwd", lambda v: f"{v:.2f}x"),
+    ("scoring_over_dense_forward", "scoring / dense fwd", lambda v: f"{v:.2f}x"),
     ("peak_rss_mb", "peak RSS MB", _num(0)),
     ("rss_bound_mb", "bound MB", _num(0)),
     ("within_rss_bound", "within", _yes_no),
