@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -94,12 +94,16 @@ class _Perturbation:
 def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, eps: float = 1e-3,
                         seed: int = 0, fast: bool = True, batch_size: int | None = None,
                         should_cancel: Callable[[], bool] = _never,
-                        on_layer: Callable[[int, int], None] = _ignore) -> dict[str, float]:
-    """sum_b |(L_b(W + eps z) - L_b(W - eps z)) / (2 eps)| for every prunable layer of the towers, by full name."""
+                        on_layer: Callable[[int, int], None] = _ignore,
+                        layers: Collection[str] | None = None) -> dict[str, float]:
+    """sum_b |(L_b(W + eps z) - L_b(W - eps z)) / (2 eps)| for every prunable layer of the towers, by full name.
+
+    `layers` limits the scoring to those full names (a benchmark's sample of the layers); None scores all."""
     batch_size = batch_size or scoring_batch_size(model)
     device = next(model.parameters()).device
     batches = list(inputs.batches(batch_size, device))
-    total = sum(len(block_linears(block)) for tower in towers for block in tower.blocks)
+    total = (len(layers) if layers is not None
+             else sum(len(block_linears(block)) for tower in towers for block in tower.blocks))
     scores: dict[str, float] = {}
     with torch.inference_mode():
         for tower in towers:
@@ -112,6 +116,8 @@ def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: Model
                     if should_cancel():
                         raise JobCancelled("cancelled while scoring")
                     full = f"{tower.prefix}.{index}.{name}"
+                    if layers is not None and full not in layers:
+                        continue
                     perturbation = _Perturbation(layer)
                     total_abs = 0.0
                     for number, batch in enumerate(batches):
