@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
 from tests.unit.conftest import tiny_llama_from_config
+from tests.unit.test_pipeline import spec_for
 from workers.pruning import restore
 from workers.pruning.methods import get_method
 from workers.pruning.models import find_towers, load_model, plan_towers, save_pretrained_folder, tower_layers
@@ -454,12 +455,10 @@ def test_gpt2_conv1d_layers_are_restored_exactly_sparse(tiny_model: Callable[[st
 
 
 def _spec(model_dir: Path, dataset: Path, **overrides: object) -> PruneSpec:
-    fields: dict[str, object] = {
-        "model_dir": model_dir, "method": "wanda", "sparsity": 0.5,
-        "calibration": CalibrationSpec(dataset=str(dataset), num_samples=4, seq_len=32),
-        "evaluation": EvaluationSpec(num_samples=2, seq_len=32),
-    }
-    return PruneSpec(**{**fields, **overrides})  # type: ignore[arg-type]
+    """test_pipeline's job, on shorter windows: restoration adds training steps on top."""
+    return spec_for(model_dir, dataset, **{"calibration": CalibrationSpec(dataset=str(dataset), num_samples=4,
+                                                                          seq_len=32),
+                                           "evaluation": EvaluationSpec(num_samples=2, seq_len=32), **overrides})
 
 
 def test_pipeline_restores_after_pruning_and_saves_exactly_the_pruned_zeros(tiny_llama_dir: Path, small_text: Path,
