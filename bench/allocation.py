@@ -68,27 +68,43 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_config(name: str, sizes: dict[str, int], quick: bool) -> dict[str, Any]:
+def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[dict[str, Any]]:
+    """Rows of one method and allocation at one or more sparsities, from one job: a single sparsity is a plain
+    job; several are a sweep (one calibration, one dense evaluation, one scoring pass, then each sparsity pruned
+    from the dense weights), as a user would run them. A row's prune_s is its own pruning pass; timings_s,
+    scoring and the peak RSS are the job's, shared by its rows."""
     import torch
 
     from workers.pruning import pipeline
     from workers.pruning.allocation.cache import FolderScoreCache
     from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, Progress, PruneSpec
 
-    method, allocation, sparsity = configs()[name]
+    chosen_configs = [configs()[name] for name in names]
+    method, allocation = chosen_configs[0][:2]
+    if any(config[:2] != (method, allocation) for config in chosen_configs):
+        raise ValueError(f"one job runs one method and allocation: {names}")
+    sparsities = sorted(config[2] for config in chosen_configs)
+    label = f"{method}-{allocation}-{'/'.join(f'{s:g}' for s in sparsities)}"
     samples, eval_samples, seq_len = sizes["calibration_samples"], sizes["evaluation_samples"], sizes["seq_len"]
     options = (QUICK_OPTIONS if quick else OPTIONS).get(allocation, {})
     rss = StageRss()
+    prune_started: list[float] = []
+    prune_seconds: list[float] = []
 
     def progress(p: Progress) -> None:
         rss.stage = p.stage
+        if p.stage == "pruning" and p.done == 0:
+            prune_started.append(time.perf_counter())
+        if p.stage == "pruning" and p.done == p.total:
+            prune_seconds.append(round(time.perf_counter() - prune_started[-1], 3))
         if p.stage not in ("pruning", "scoring") or p.done == p.total or (p.done and p.done % 30 == 0):
-            _log(f"  {name}: {p.stage} {p.done}/{p.total} {p.message if p.stage == 'scoring' else ''}")
+            _log(f"  {label}: {p.stage} {p.done}/{p.total} {p.message if p.stage == 'scoring' else ''}")
 
-    spec = PruneSpec(model_dir=MODEL_DIR, method=method, sparsity=sparsity,
+    spec = PruneSpec(model_dir=MODEL_DIR, method=method, sparsity=sparsities[0],
                      calibration=CalibrationSpec(num_samples=samples, seq_len=seq_len, seed=SEED),
                      evaluation=EvaluationSpec(num_samples=eval_samples, seq_len=seq_len), device="cpu",
-                     allocation=AllocationSpec(name=allocation, **options))
+                     allocation=AllocationSpec(name=allocation, **options),
+                     sweep=tuple(sparsities) if len(sparsities) > 1 else ())
     scratch = ROOT / "var" / "bench" / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     cache = FolderScoreCache(SCORE_CACHE / ("quick" if quick else "full"))
@@ -96,21 +112,13 @@ def run_config(name: str, sizes: dict[str, int], quick: bool) -> dict[str, Any]:
         result = pipeline.run(spec, Path(out) / "model", on_progress=progress, score_cache=cache)
     metrics, report = result.metrics, result.report
     chosen = metrics.get("allocation", {})
-    row: dict[str, Any] = {
-        "config": name, "method": method, "allocation": allocation, "pattern": "unstructured", "sparsity": sparsity,
-        "allocation_options": options, "achieved_sparsity": metrics["sparsity"]["achieved"],
-        "perplexity": metrics["perplexity"]["pruned"], "dense_perplexity": metrics["perplexity"]["dense"],
-        "prune_s": metrics["timings_s"]["pruning"], "timings_s": metrics["timings_s"],
-        "scoring_s": (None if allocation == "uniform"
-                      else chosen.get("scoring_s") or chosen.get("cached_scoring_s")),
-        "scoring_cache": chosen.get("cache"),
-        "block_sparsity": ({group["name"].rsplit(".", 1)[-1]: round(group["sparsity"], 4)
-                            for group in report["allocation"]["groups"]} if "allocation" in report else None),
-        "job_peak_rss_mb": metrics["peak_memory_mb"],
-    }
+    runs = metrics.get("sweep") or [{"sparsity": sparsities[0], "achieved": metrics["sparsity"]["achieved"],
+                                     "perplexity": metrics["perplexity"]["pruned"],
+                                     "dense_perplexity": metrics["perplexity"]["dense"]}]
+    groups = report.get("allocation", {}).get("groups_per_sparsity") or (
+        {f"{sparsities[0]:g}": report["allocation"]["groups"]} if "allocation" in report else {})
     gc.collect()
-    row["peak_rss_mb"] = peak_rss_mb()
-    row["stage_peak_rss_mb"] = rss.stop()
+    peak, stage_peaks = peak_rss_mb(), rss.stop()
 
     from common import calibration_windows, time_forward
 
@@ -118,12 +126,30 @@ def run_config(name: str, sizes: dict[str, int], quick: bool) -> dict[str, Any]:
 
     loaded = load_model(MODEL_DIR, "cpu")
     windows = calibration_windows(loaded.tokenizer, samples, seq_len, SEED)
-    row["dense_forward_s"] = round(time_forward(loaded.model, windows, pipeline.CALIBRATION_BATCH), 3)
-    row["prune_over_dense_forward"] = round(row["prune_s"] / row["dense_forward_s"], 3)
-    if row["scoring_s"] is not None:
-        row["scoring_over_dense_forward"] = round(row["scoring_s"] / row["dense_forward_s"], 3)
-    row.update({"threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__})
-    return row
+    dense_forward_s = round(time_forward(loaded.model, windows, pipeline.CALIBRATION_BATCH), 3)
+    rows = []
+    for run, prune_s in zip(runs, prune_seconds, strict=True):
+        sparsity = run["sparsity"]
+        row: dict[str, Any] = {
+            "config": f"{method}-{allocation}-{sparsity:g}", "method": method, "allocation": allocation,
+            "pattern": "unstructured", "sparsity": sparsity, "allocation_options": options,
+            "achieved_sparsity": run["achieved"], "perplexity": run["perplexity"],
+            "dense_perplexity": run["dense_perplexity"], "prune_s": prune_s, "timings_s": metrics["timings_s"],
+            "scoring_s": (None if allocation == "uniform"
+                          else chosen.get("scoring_s") or chosen.get("cached_scoring_s")),
+            "scoring_cache": chosen.get("cache"),
+            "block_sparsity": ({group["name"].rsplit(".", 1)[-1]: round(group["sparsity"], 4)
+                                for group in groups[f"{sparsity:g}"]} if groups else None),
+            "job_peak_rss_mb": metrics["peak_memory_mb"], "peak_rss_mb": peak, "stage_peak_rss_mb": stage_peaks,
+            "dense_forward_s": dense_forward_s, "prune_over_dense_forward": round(prune_s / dense_forward_s, 3),
+            "threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__,
+        }
+        if len(sparsities) > 1:
+            row["job_sweep"] = sparsities  # timings_s, scoring and peak RSS are this one job's, shared
+        if row["scoring_s"] is not None:
+            row["scoring_over_dense_forward"] = round(row["scoring_s"] / dense_forward_s, 3)
+        rows.append(row)
+    return rows
 
 
 # --- zeroth-order scoring: fast vs naive, memory ------------------------------------------------------------
@@ -251,7 +277,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.one:
-        print(json.dumps(run_config(args.one, sizes, args.quick)), flush=True)
+        print(json.dumps(run_configs(args.one.split(","), sizes, args.quick)), flush=True)
         return 0
     if args.quick:
         ZEROTH.update(num_samples=1, seq_len=16)
@@ -280,25 +306,37 @@ def main() -> int:
         parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(known)}")
     proto = protocol(sizes)
     done = {_key(row) for row in rows}
+    pending = [name for name in names
+               if args.only or _key({"config": name, "protocol": proto}) not in done]
+    for name in sorted(set(names) - set(pending), key=names.index):
+        _log(f"{name}: already measured, skipped")
+    # One job per method and allocation: its sparsities as a sweep (one dense evaluation and scoring pass).
+    jobs: dict[tuple[str, str], list[str]] = {}
+    for name in pending:
+        jobs.setdefault(known[name][:2], []).append(name)
     failed = []
-    for name in names:
-        if not args.only and _key({"config": name, "protocol": proto}) in done:
-            _log(f"{name}: already measured, skipped")
-            continue
-        _log(f"{name}: running")
+    for group in jobs.values():
+        label = ",".join(group)
+        _log(f"{label}: running")
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", name] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--one", label] + (["--quick"] if args.quick else [])
         child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if child.returncode != 0:
-            _log(f"{name}: FAILED (exit {child.returncode}); the others go on")
-            failed.append(name)
+            _log(f"{label}: FAILED (exit {child.returncode}); the others go on")
+            failed.extend(group)
             continue
-        row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
-        rows = [old for old in rows if _key(old) != _key(row)] + [row]
+        new = [{**row, "commit": commit, "protocol": proto}
+               for row in json.loads(child.stdout.strip().splitlines()[-1])]
+        # Re-read just before writing: another run of this script may have added its rows meanwhile.
+        rows = json.loads(dest.read_text()) if dest.is_file() else []
+        keys = {_key(row) for row in new}
+        rows = [old for old in rows if _key(old) not in keys] + new
         write_json(dest, rows)
         merge_into_quality(rows, args.quick)
-        _log(f"{name}: done in {time.perf_counter() - start:.0f} s: perplexity {row['perplexity']}, "
-             f"scoring {row['scoring_s']} s ({row['scoring_cache']}), prune/forward {row['prune_over_dense_forward']}")
+        for row in new:
+            _log(f"{row['config']}: perplexity {row['perplexity']}, scoring {row['scoring_s']} s "
+                 f"({row['scoring_cache']}), prune/forward {row['prune_over_dense_forward']}")
+        _log(f"{label}: done in {time.perf_counter() - start:.0f} s")
     return 1 if failed else 0
 
 

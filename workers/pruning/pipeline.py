@@ -277,7 +277,7 @@ def _sweep_row(run: dict[str, Any], dense: dict[str, dict[str, float | None]], o
 
 
 _SWEEP_RESTORE_KEYS = ("loss_first", "loss_last", "mask_preserved", "sparsity_before_merge", "sparsity_after_merge",
-                       "perplexity_before", "accuracy_before", "seconds")
+                       "perplexity_before", "accuracy_before", "seconds", "cpu_seconds")
 
 
 def _restore(spec: PruneSpec, model: torch.nn.Module, tokenizer: Any, layer_names: list[str],
