@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-quality bench-clip bench-allocation bench-load clean
+.PHONY: install run test lint bench bench-quality bench-clip bench-allocation bench-restore bench-load clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-clip: install
 # cost (BENCH_ARGS="--zeroth"); hours on a small CPU. Resumes by itself; BENCH_ARGS="--only wanda-owl-0.7".
 bench-allocation: install
 	$(BIN)/python bench/allocation.py $(BENCH_ARGS)
+
+# SparseLoRA restoration (and plain LoRA beside it) after pruning SmolLM2 and digits-clip: the share of the
+# quality gap won back in 15 CPU minutes; about two hours on a small CPU. BENCH_ARGS="--only <row>" or "--quick".
+bench-restore: install
+	$(BIN)/python bench/restore.py $(BENCH_ARGS)
 
 # The API under 20 concurrent clients on Postgres + Redis (both must be running locally); about a minute.
 bench-load: install

@@ -8,14 +8,21 @@ clients:
    same run under the same concurrency, so the job routes are reported as a ratio to it as well as in ms;
 2. `POST /v1/jobs` 500 times with Idempotency-Keys: 400 distinct keys, 100 repeats of them with the same body
    (shuffled, so some repeats race their original), then 10 reused keys with a different body (expected 409);
-3. `GET /v1/jobs/{id}` 2,000 times over the jobs created.
+3. `GET /v1/jobs/{id}` 2,000 times over the jobs created, as fast as the clients go (closed loop: saturation);
+4. the same 2,000 reads as polling clients: each of the 20 reads one job's status every 100 ms (200 req/s offered,
+   5 to 20 times faster than a dashboard or an MLOps client polls), each read timed from when it was due.
+
+The p99 target (< 50 ms) is checked at both loads. It can only be a latency at a stated load: at saturation, 20
+clients in a closed loop wait clients / throughput on average (Little's law), whatever the server does, and on
+2 cores the Python client itself takes a share of the CPU the server needs.
 
 Rate limits are raised far above the load (RATE_LIMIT_PER_MINUTE, JOB_CREATE_LIMIT_PER_MINUTE) so the figures are
 the API's latency, not the limiter's 429s; the limiter itself still runs (its Redis round trip is part of every
 /v1 request). Writes bench/results/load.json and prints a markdown table for bench/README.md.
 
     python bench/load.py [--clients 20] [--jobs 500] [--distinct 400] [--conflicts 10] [--reads 2000]
-                         [--api-workers 2] [--out bench/results/load.json]
+                         [--poll-interval-ms 100] [--api-workers 2]
+                         [--out bench/results/load.json]
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ REDIS_URL = os.environ.get("PRUNEKIT_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 HIGH_LIMIT = "10000000"
 DEADLINE_S = 240  # the whole run, start-up included; a stuck server fails the run instead of hanging it
 GET_JOB_P99_TARGET_MS = 50.0
-ROUTES = ("GET /healthz", "POST /v1/jobs", "GET /v1/jobs/{id}")
+POLLING = "GET /v1/jobs/{id} (polling)"
+ROUTES = ("GET /healthz", "POST /v1/jobs", "GET /v1/jobs/{id}", POLLING)
 
 
 @dataclass
@@ -154,23 +162,33 @@ def cpu_seconds(pgid: int) -> float:
 
 
 def run_clients(base: str, key: str, tasks: list[Callable[[httpx.Client], Sample]], clients: int,
-                recorder: Recorder, deadline: float) -> float:
-    """Runs the tasks on `clients` threads, each with its own keep-alive connection, as fast as they go
-    (closed loop); returns the phase's wall seconds."""
+                recorder: Recorder, deadline: float, interval_s: float = 0.0) -> float:
+    """Runs the tasks on `clients` threads, each with its own keep-alive connection; returns the phase's wall
+    seconds. interval_s 0: as fast as they go (closed loop, the server's saturation). Otherwise each client
+    sends one request every interval_s (polling clients, started a fraction of an interval apart), and a request
+    counts from when it was due, not from when a late client got round to it, so a slow server cannot hide its
+    latency by slowing the clients down (coordinated omission)."""
     pending = list(reversed(tasks))
     lock = threading.Lock()
 
-    def client_loop() -> None:
+    def client_loop(number: int) -> None:
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
             http.get("/healthz")  # opens the connection outside the measured requests
+            due = time.perf_counter() + interval_s * number / clients
             while time.monotonic() < deadline:
+                if interval_s:
+                    time.sleep(max(0.0, due - time.perf_counter()))
                 with lock:
                     if not pending:
                         return
                     task = pending.pop()
-                recorder.add(task(http))
+                late_ms = max(0.0, time.perf_counter() - due) * 1000 if interval_s else 0.0
+                sample = task(http)
+                sample.ms += late_ms
+                recorder.add(sample)
+                due += interval_s
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -212,9 +230,9 @@ def submit_task(idem_key: str, body: dict[str, Any], expect_conflict: bool = Fal
     return task
 
 
-def read_task(job_id: str) -> Callable[[httpx.Client], Sample]:
+def read_task(job_id: str, route: str = "GET /v1/jobs/{id}") -> Callable[[httpx.Client], Sample]:
     def task(http: httpx.Client) -> Sample:
-        sample, response = timed(http, "GET /v1/jobs/{id}", "GET", f"/v1/jobs/{job_id}")
+        sample, response = timed(http, route, "GET", f"/v1/jobs/{job_id}")
         if response is not None and response.status_code == 200 and response.json()["id"] != job_id:
             sample.status = -1  # a wrong job is worse than an error; counted as one below
         return sample
@@ -252,6 +270,8 @@ def main() -> int:
     parser.add_argument("--distinct", type=int, default=400, help="distinct Idempotency-Keys among --jobs")
     parser.add_argument("--conflicts", type=int, default=10, help="extra submissions: a used key, another body")
     parser.add_argument("--reads", type=int, default=2000, help="GET /v1/jobs/{id} (and GET /healthz) requests")
+    parser.add_argument("--poll-interval-ms", type=float, default=100.0,
+                        help="the polling phase: each client reads a job's status once per interval")
     parser.add_argument("--api-workers", type=int, default=2,
                         help="API processes (API_WORKERS), as docker-compose.yml runs them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "load.json")
@@ -278,9 +298,9 @@ def main() -> int:
         log = Path(tmp) / "serve.log"
         try:
             with api_server(env, log) as (base, server_pid):
-                def phase(name: str, tasks: list[Callable[[httpx.Client], Sample]]) -> None:
+                def phase(name: str, tasks: list[Callable[[httpx.Client], Sample]], interval_s: float = 0.0) -> None:
                     cpu = cpu_seconds(server_pid)
-                    phases[name] = run_clients(base, key, tasks, args.clients, recorder, deadline)
+                    phases[name] = run_clients(base, key, tasks, args.clients, recorder, deadline, interval_s)
                     server_cpu[name] = cpu_seconds(server_pid) - cpu
 
                 phase("healthz", [healthz_task] * args.reads)
@@ -301,6 +321,8 @@ def main() -> int:
                     raise SystemExit(f"no job was created:\n{log.read_text(errors='replace')[-4000:]}")
                 reads = [read_task(rng.choice(job_ids)) for _ in range(args.reads)]
                 phase("read", reads)
+                polls = [read_task(rng.choice(job_ids), POLLING) for _ in range(args.reads)]
+                phase("poll", polls, args.poll_interval_ms / 1000)
             with psycopg.connect(plain_url) as conn:
                 rows = conn.execute("SELECT count(*) FROM jobs").fetchone()
             server_errors = [line for line in log.read_text(errors="replace").splitlines()
@@ -317,7 +339,8 @@ def main() -> int:
 
 def summarise(args: argparse.Namespace, samples: list[Sample], phases: dict[str, float], server_cpu: dict[str, float],
               job_ids: list[str], rows: int, server_errors: list[str]) -> dict[str, Any]:
-    of_route = {"GET /healthz": ["healthz"], "POST /v1/jobs": ["submit", "conflicts"], "GET /v1/jobs/{id}": ["read"]}
+    of_route = {"GET /healthz": ["healthz"], "POST /v1/jobs": ["submit", "conflicts"], "GET /v1/jobs/{id}": ["read"],
+                POLLING: ["poll"]}
     routes = {}
     for route in ROUTES:
         mine = [s for s in samples if s.route == route]
@@ -326,7 +349,7 @@ def summarise(args: argparse.Namespace, samples: list[Sample], phases: dict[str,
             sum(server_cpu[p] for p in of_route[route]) * 1000 / max(1, len(mine)), 2)
     posts = [s for s in samples if s.route == "POST /v1/jobs"]
     conflicts = [s for s in posts if s.expect_conflict]
-    get_p99 = routes["GET /v1/jobs/{id}"]["p99_ms"]
+    get_p99, polling_p99 = routes["GET /v1/jobs/{id}"]["p99_ms"], routes[POLLING]["p99_ms"]
     errors_5xx = sum(r["errors_5xx"] for r in routes.values())
     transport = sum(r["transport_errors"] for r in routes.values())
     wrong = sum(1 for s in samples if s.status == -1)
@@ -340,7 +363,11 @@ def summarise(args: argparse.Namespace, samples: list[Sample], phases: dict[str,
                   "server": f"prunekit serve ({args.api_workers} uvicorn process{'es' if args.api_workers > 1 else ''}"
                             "), Postgres + Redis on loopback, no worker",
                   "api_workers": args.api_workers, "rate_limits_per_minute": int(HIGH_LIMIT),
-                  "loop": "closed: each client sends its next request when the previous one is answered"},
+                  "loop": "closed (healthz, submit, read): each client sends its next request when the previous "
+                          "one is answered, i.e. the server's saturation; polling: each client reads one job's "
+                          f"status every {args.poll_interval_ms:g} ms, counted from when the read was due",
+                  "poll_interval_ms": args.poll_interval_ms,
+                  "polling_offered_rps": round(args.clients * 1000 / args.poll_interval_ms, 1)},
         "phases_s": {name: round(s, 2) for name, s in phases.items()},
         "routes": routes,
         "get_job_p99_over_healthz_p99": round(get_p99 / routes["GET /healthz"]["p99_ms"], 2),
@@ -350,8 +377,12 @@ def summarise(args: argparse.Namespace, samples: list[Sample], phases: dict[str,
         "errors": {"5xx": errors_5xx, "transport": transport, "wrong_job_returned": wrong,
                    "server_error_log_lines": server_errors},
         "targets": {
-            "get_job_p99_ms_below_50": {"value": get_p99, "target": GET_JOB_P99_TARGET_MS,
-                                        "pass": get_p99 < GET_JOB_P99_TARGET_MS},
+            # The target is a latency at a stated load: 20 clients polling. At saturation (closed loop) latency is
+            # queueing by Little's law, clients / throughput, whatever the server does; reported beside it.
+            "get_job_p99_ms_below_50_polling": {"value": polling_p99, "target": GET_JOB_P99_TARGET_MS,
+                                                "pass": polling_p99 < GET_JOB_P99_TARGET_MS},
+            "get_job_p99_ms_below_50_saturation": {"value": get_p99, "target": GET_JOB_P99_TARGET_MS,
+                                                   "pass": get_p99 < GET_JOB_P99_TARGET_MS},
             "no_5xx": {"value": errors_5xx, "target": 0, "pass": errors_5xx == 0 and transport == 0 and not wrong},
             "created_equals_distinct_keys": {
                 "value": {"ids": len(job_ids), "rows": rows}, "target": args.distinct,

@@ -47,6 +47,16 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("within_rss_bound", "within", _yes_no),
     ("pruning_peak_rss_mb", "pruning-stage RSS MB", _num(0)),
     ("pruning_within_rss_bound", "within", _yes_no),
+    # bench/restore.py
+    ("restore_method", "restore", str),
+    ("before", "before", lambda v: f"{v:.4g}"),
+    ("after", "after", lambda v: f"{v:.4g}"),
+    ("dense", "dense", lambda v: f"{v:.4g}"),
+    ("gap_recovered", "gap recovered", lambda v: f"{v:.1%}"),
+    ("steps", "steps", str),
+    ("restore_cpu_s", "training CPU s", _num(0)),
+    ("sparsity_after_merge", "sparsity after merge", _num(6)),
+    ("mask_preserved", "mask kept", _yes_no),
 ]
 # Facts shared by the rows of a file, printed once under its table rather than in every row.
 SHARED = ["protocol", "calibration", "evaluation", "cpu", "threads", "torch", "commit"]
