@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import rows
 from common import (
     MIB,
     MODEL_DIR,
@@ -38,7 +38,6 @@ from common import (
     git_commit,
     peak_rss_mb,
     time_forward,
-    write_json,
 )
 
 # name -> (method, pattern, target sparsity); an N:M pattern fixes the sparsity at 1 - n/m.
@@ -187,31 +186,13 @@ def _dense_quality(eval_samples: int, seq_len: int, rss: StageRss) -> dict[str, 
                                            "evaluation_dense": round(evaluation_s, 3)}}
 
 
-def _order(row: dict[str, Any]) -> int:
-    names = list(CONFIGS)
-    return names.index(row["config"]) if row.get("config") in names else len(names)
-
-
-def _key(row: dict[str, Any]) -> str:
-    return json.dumps([row.get("config"), row.get("protocol")], sort_keys=True)
-
-
-def _allocation_rows(dest: Path, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows bench/allocation.py added to the file meanwhile (it may run beside this script): kept, after ours."""
-    if not dest.is_file():
-        return []
-    keys = {_key(row) for row in mine}
-    return [row for row in json.loads(dest.read_text())
-            if row.get("config") not in CONFIGS and _key(row) not in keys]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 calibration and 8 evaluation windows "
                                                              "of 256 tokens, written to a separate file")
     parser.add_argument("--only", help=f"comma-separated configurations, of: {', '.join(CONFIGS)}")
     parser.add_argument("--append", action="store_true",
-                        help="keep the results file and skip configurations it already has under this protocol")
+                        help="skip configurations the results file already has under this protocol")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one configuration, a row on stdout
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -219,40 +200,20 @@ def main() -> int:
         print(json.dumps(run_config(args.one, sizes)), flush=True)
         return 0
 
-    names = list(CONFIGS) if not args.only else [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    names = rows.choose(args.only, list(CONFIGS), parser.error)
     dest = RESULTS_DIR / ("quality-smollm2-quick.json" if args.quick else "quality-smollm2.json")
-    # A full run starts a fresh file; --only refreshes its configurations in place; --append resumes.
-    rows: list[dict[str, Any]] = []
-    if (args.append or args.only) and dest.is_file():
-        rows = json.loads(dest.read_text())
     proto, commit = protocol(sizes), git_commit()  # the commit before this run writes anything
-    done = {_key(row) for row in rows}
-
+    if args.append:
+        names = rows.pending(names, dest, proto)
     ensure_model()
-    failed = []
-    for name in names:
-        probe = {"config": name, "protocol": proto}
-        if args.append and _key(probe) in done:
-            _log(f"{name}: already in {dest.name}, skipped")
-            continue
-        _log(f"{name}: running")
-        start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", name] + (["--quick"] if args.quick else [])
-        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if child.returncode != 0:
-            _log(f"{name}: FAILED (exit {child.returncode}); the other configurations go on")
-            failed.append(name)
-            continue
-        row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
-        rows = [old for old in rows if _key(old) != _key(row)] + [row]
-        rows.sort(key=_order)  # a re-run row goes back to its place, so tables keep the CONFIGS order
-        write_json(dest, rows + _allocation_rows(dest, rows))
-        _log(f"{name}: done in {time.perf_counter() - start:.0f} s: perplexity {row['perplexity']}, "
-             f"prune/forward {row.get('prune_over_dense_forward')}, peak RSS {row['peak_rss_mb']} MB")
-    _log(f"results in {dest}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+    def describe(row: dict[str, Any]) -> str:
+        return (f"perplexity {row['perplexity']}, prune/forward {row.get('prune_over_dense_forward')}, "
+                f"peak RSS {row['peak_rss_mb']} MB")
+
+    # Rows of bench/allocation.py in the same file are kept, after these (ordered as CONFIGS).
+    failed = rows.drive(__file__, names, dest, proto, commit, child_args=["--quick"] if args.quick else [],
+                        order=list(CONFIGS), describe=describe)
     return 1 if failed else 0
 
 

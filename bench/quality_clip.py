@@ -39,7 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS_DIR, ROOT, cpu_model, git_commit, peak_rss_mb, write_json
+import rows
+from common import RESULTS_DIR, ROOT, cpu_model, git_commit, peak_rss_mb
 
 MODEL_DIR = ROOT / "var" / "models" / "digits-clip"
 DATASET = "builtin:digits"
@@ -172,20 +173,11 @@ def _dense_quality() -> dict[str, Any]:
             "timings_s": {"loading": round(loading_s, 3), "evaluation_dense": round(evaluation_s, 3)}}
 
 
-def _order(row: dict[str, Any]) -> int:
-    names = list(CONFIGS)
-    return names.index(row["config"]) if row.get("config") in names else len(names)
-
-
-def _key(row: dict[str, Any]) -> str:
-    return json.dumps([row.get("config"), row.get("protocol")], sort_keys=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help=f"comma-separated configurations, of: {', '.join(CONFIGS)}")
     parser.add_argument("--append", action="store_true",
-                        help="keep the results file and skip configurations it already has under this protocol")
+                        help="skip configurations the results file already has under this protocol")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration (default 1)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one configuration, a row on stdout
     args = parser.parse_args()
@@ -193,42 +185,20 @@ def main() -> int:
         print(json.dumps(run_config(args.one, args.threads)), flush=True)
         return 0
 
-    names = list(CONFIGS) if not args.only else [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-    # A full run starts a fresh file; --only refreshes its configurations in place; --append resumes.
-    rows: list[dict[str, Any]] = []
-    if (args.append or args.only) and DEST.is_file():
-        rows = json.loads(DEST.read_text())
+    names = rows.choose(args.only, list(CONFIGS), parser.error)
     proto, commit = protocol(), git_commit()  # the commit before this run writes anything
-    done = {_key(row) for row in rows}
-
+    if args.append:
+        names = rows.pending(names, DEST, proto)
     # Built (or found up to date) in a process of its own, so training never counts in a row's peak RSS.
     subprocess.run([sys.executable, str(ROOT / "bench" / "build_digits_clip.py"), str(MODEL_DIR)], check=True,
                    stdout=sys.stderr, cwd=ROOT)
-    failed = []
-    for name in names:
-        probe = {"config": name, "protocol": proto}
-        if args.append and _key(probe) in done:
-            _log(f"{name}: already in {DEST.name}, skipped")
-            continue
-        _log(f"{name}: running")
-        start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", name, "--threads", str(args.threads)]
-        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if child.returncode != 0:
-            _log(f"{name}: FAILED (exit {child.returncode}); the other configurations go on")
-            failed.append(name)
-            continue
-        row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
-        rows = [old for old in rows if _key(old) != _key(row)] + [row]
-        rows.sort(key=_order)  # a re-run row goes back to its place, so tables keep the CONFIGS order
-        write_json(DEST, rows)
-        _log(f"{name}: done in {time.perf_counter() - start:.0f} s: accuracy {row['accuracy']} "
-             f"(dense {row['dense_accuracy']}), per tower {row['per_tower_sparsity']}, "
-             f"prune/forward {row.get('prune_over_dense_forward')}, peak RSS {row['peak_rss_mb']} MB")
-    _log(f"results in {DEST}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+    def describe(row: dict[str, Any]) -> str:
+        return (f"accuracy {row['accuracy']} (dense {row['dense_accuracy']}), per tower {row['per_tower_sparsity']}, "
+                f"prune/forward {row.get('prune_over_dense_forward')}, peak RSS {row['peak_rss_mb']} MB")
+
+    failed = rows.drive(__file__, names, DEST, proto, commit, child_args=["--threads", str(args.threads)],
+                        order=list(CONFIGS), describe=describe)
     return 1 if failed else 0
 
 

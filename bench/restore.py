@@ -28,11 +28,11 @@ import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import MODEL_DIR, RESULTS_DIR, ROOT, cpu_model, ensure_model, git_commit, peak_rss_mb, write_json
+import rows
+from common import MODEL_DIR, RESULTS_DIR, ROOT, cpu_model, ensure_model, git_commit, peak_rss_mb
 
 SEED = 0
 CLIP_DIR = ROOT / "var" / "models" / "digits-clip"
@@ -148,10 +148,6 @@ def run_config(name: str, quick: bool, steps: int | None) -> dict[str, Any]:
     return row
 
 
-def _key(row: dict[str, Any]) -> str:
-    return json.dumps([row.get("config"), row.get("protocol")], sort_keys=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke sizes, written to restore-quick.json")
@@ -163,46 +159,27 @@ def main() -> int:
         print(json.dumps(run_config(args.one, args.quick, args.steps)), flush=True)
         return 0
 
-    names = list(CONFIGS) if not args.only else [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown row(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    names = rows.choose(args.only, list(CONFIGS), parser.error)
     dest = RESULTS_DIR / ("restore-quick.json" if args.quick else "restore.json")
-    rows: list[dict[str, Any]] = json.loads(dest.read_text()) if dest.is_file() else []
     proto, commit = protocol(args.quick), git_commit()
     if args.steps is not None:
         proto = {**proto, "steps_override": args.steps}
-    done = {_key(row) for row in rows}
+    if not args.only:  # resumes: rows already measured under this protocol are kept
+        names = rows.pending(names, dest, proto)
     if any(CONFIGS[name][0] == "smollm2" for name in names):
         ensure_model()
     if any(CONFIGS[name][0] == "clip" for name in names):
         subprocess.run([sys.executable, str(ROOT / "bench" / "build_digits_clip.py"), str(CLIP_DIR)], check=True,
                        stdout=sys.stderr, cwd=ROOT)
-    failed = []
-    for name in names:
-        if not args.only and _key({"config": name, "protocol": proto}) in done:
-            _log(f"{name}: already measured, skipped")
-            continue
-        _log(f"{name}: running")
-        start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", name, *(["--quick"] if args.quick else []),
-               *(["--steps", str(args.steps)] if args.steps is not None else [])]
-        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if child.returncode != 0:
-            _log(f"{name}: FAILED (exit {child.returncode}); the others go on")
-            failed.append(name)
-            continue
-        row = {**json.loads(child.stdout.strip().splitlines()[-1]), "commit": commit, "protocol": proto}
-        # Re-read just before writing: another run of this script may have added its rows meanwhile.
-        rows = json.loads(dest.read_text()) if dest.is_file() else []
-        rows = [old for old in rows if _key(old) != _key(row)] + [row]
-        rows.sort(key=lambda r: list(CONFIGS).index(r["config"]) if r.get("config") in CONFIGS else len(CONFIGS))
-        write_json(dest, rows)
-        _log(f"{name}: done in {time.perf_counter() - start:.0f} s: {row['metric']} {row['before']} -> "
-             f"{row['after']} (dense {row['dense']}), gap recovered {row['gap_recovered']:.1%}, "
-             f"{row['steps']} steps in {row['restore_cpu_s']} CPU s, sparsity after merge "
-             f"{row['sparsity_after_merge']} (mask kept: {row['mask_preserved']})")
-    _log(f"results in {dest}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+    def describe(row: dict[str, Any]) -> str:
+        return (f"{row['metric']} {row['before']} -> {row['after']} (dense {row['dense']}), gap recovered "
+                f"{row['gap_recovered']:.1%}, {row['steps']} steps in {row['restore_cpu_s']} CPU s, sparsity after "
+                f"merge {row['sparsity_after_merge']} (mask kept: {row['mask_preserved']})")
+
+    child_args = [*(["--quick"] if args.quick else []), *(["--steps", str(args.steps)] if args.steps else [])]
+    failed = rows.drive(__file__, names, dest, proto, commit, child_args=child_args, order=list(CONFIGS),
+                        describe=describe)
     return 1 if failed else 0
 
 
