@@ -129,7 +129,7 @@ def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[di
     loaded = load_model(MODEL_DIR, "cpu")
     windows = calibration_windows(loaded.tokenizer, samples, seq_len, SEED)
     dense_forward_s = round(time_forward(loaded.model, windows, pipeline.CALIBRATION_BATCH), 3)
-    rows = []
+    measured = []
     for run, prune_s in zip(runs, prune_seconds, strict=True):
         sparsity = run["sparsity"]
         row: dict[str, Any] = {
@@ -150,8 +150,8 @@ def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[di
             row["job_sweep"] = sparsities  # timings_s, scoring and peak RSS are this one job's, shared
         if row["scoring_s"] is not None:
             row["scoring_over_dense_forward"] = round(row["scoring_s"] / dense_forward_s, 3)
-        rows.append(row)
-    return rows
+        measured.append(row)
+    return measured
 
 
 # --- zeroth-order scoring: fast vs naive, memory ------------------------------------------------------------
