@@ -201,6 +201,7 @@ def run_clients(base: str, key: str, tasks: list[Callable[[httpx.Client], Sample
             thread.join(max(0.1, deadline - time.monotonic()))
     finally:
         gc.enable()
+        gc.collect()
     if pending or any(thread.is_alive() for thread in threads):
         raise SystemExit(f"the run passed its {DEADLINE_S} s deadline with {len(pending)} requests unsent")
     return time.perf_counter() - started
