@@ -48,27 +48,44 @@ class MemoryLimiter:
         return None
 
 
-# One round trip for every bucket of a request: count in order, stop at the first one over its limit.
-# KEYS: the buckets' counters of this window; ARGV[1]: their lifetime in seconds; ARGV[1 + i]: bucket i's limit.
-# Returns the 1-based index of the bucket over its limit, or 0.
-_HIT_SCRIPT = """
+# A process takes counts from Redis in batches and spends them locally, so that most requests are checked without
+# a round trip: at most 1/BATCH_SHARE of a limit at a time (limits up to BATCH_SHARE a minute stay exact, one
+# round trip a request) and at most MAX_BATCH. Every count is taken from the shared counter before it is spent, so
+# the replicas together never admit more than the limit; a process's unspent batch (less than MAX_BATCH) is lost
+# when its window ends.
+BATCH_SHARE = 50
+MAX_BATCH = 32
+
+# One round trip for every bucket a request needs counts for: take each bucket's batch in order, stop after the
+# first bucket with none left. KEYS: the buckets' counters of this window; ARGV[1]: their lifetime in seconds;
+# ARGV[2i], ARGV[2i + 1]: bucket i's limit and batch. Returns the counts granted, bucket by bucket, up to and
+# including the first 0.
+_TAKE_SCRIPT = """
+local granted = {}
 for i, key in ipairs(KEYS) do
-    local count = redis.call('INCR', key)
+    local limit, batch = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    local after = redis.call('INCRBY', key, batch)
     redis.call('EXPIRE', key, ARGV[1])
-    if count > tonumber(ARGV[i + 1]) then
-        return i
+    granted[i] = math.max(0, math.min(batch, limit - (after - batch)))
+    if granted[i] == 0 then
+        return granted
     end
 end
-return 0
+return granted
 """
+
+
+def batch_size(limit: int) -> int:
+    return max(1, min(MAX_BATCH, limit // BATCH_SHARE))
 
 
 @dataclass
 class RedisLimiter:
-    """Asks Redis from the event loop (redis.asyncio): a request's check costs one round trip and no hand-off to a
+    """Asks Redis from the event loop (redis.asyncio), once per batch of counts (see MAX_BATCH), never from a
     thread. A client belongs to one event loop; a process normally runs one, tests one per TestClient."""
 
     url: str
+    held: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # (bucket, window) -> counts left
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False, repr=False)
     _script: Any = field(default=None, init=False, repr=False)
 
@@ -79,18 +96,38 @@ class RedisLimiter:
 
             client = redis.asyncio.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
             # EVALSHA, loading the script again by itself after a Redis restart emptied the script cache.
-            self._loop, self._script = loop, client.register_script(_HIT_SCRIPT)
+            self._loop, self._script = loop, client.register_script(_TAKE_SCRIPT)
         return self._script
 
     async def hit(self, buckets: list[tuple[str, int]]) -> Refusal | None:
         start, retry_after = _window(time.time())
-        keys = [f"prunekit:ratelimit:{bucket}:{start}" for bucket, _ in buckets]
-        try:
-            script = self._script_of_this_loop()
-            over = int(await script(keys=keys, args=[2 * WINDOW_S, *(limit for _, limit in buckets)]))
-        except Exception:
-            return None  # a limiter outage must not take the API down with it
-        return Refusal(buckets[over - 1][1], max(1, retry_after)) if over else None
+        for key in [k for k in self.held if k[1] < start]:
+            del self.held[key]
+        # Normally once round: a request whose buckets all hold counts passes without an await. Another request of
+        # this process may spend the counts just taken while this one waits for Redis, hence the loop.
+        for _ in range(4):
+            short = [(bucket, limit) for bucket, limit in buckets if not self.held.get((bucket, start))]
+            if not short:
+                for bucket, _ in buckets:
+                    self.held[(bucket, start)] -= 1
+                return None
+            try:
+                script = self._script_of_this_loop()
+                granted = [int(n) for n in await script(
+                    keys=[f"prunekit:ratelimit:{bucket}:{start}" for bucket, _ in short],
+                    args=[2 * WINDOW_S, *(x for _, limit in short for x in (limit, batch_size(limit)))])]
+            except Exception:
+                return None  # a limiter outage must not take the API down with it
+            for (bucket, _), n in zip(short, granted, strict=False):
+                self.held[(bucket, start)] = self.held.get((bucket, start), 0) + n
+            if granted and granted[-1] == 0:
+                refused_bucket, limit = short[len(granted) - 1]
+                # As for a request refused in one round trip: counted in the buckets before the one that refused it.
+                for bucket, _ in buckets[:[b for b, _ in buckets].index(refused_bucket)]:
+                    if self.held.get((bucket, start)):
+                        self.held[(bucket, start)] -= 1
+                return Refusal(limit, max(1, retry_after))
+        return None
 
 
 def make_limiter(url: str) -> Limiter:

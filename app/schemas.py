@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+from sqlalchemy import Row
 
 from app import capabilities as caps
 from app.db.models import Dataset, Job, JobEvent
@@ -323,7 +324,8 @@ class ArtifactList(BaseModel):
     has_more: bool = False
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job | Row[Any]) -> JobOut:
+    """From a Job, or a row of queries.read_job_view (the same fields, by attribute)."""
     return JobOut(
         id=job.id, status=job.status, created_at=epoch(job.created_at) or 0, started_at=epoch(job.started_at),
         finished_at=epoch(job.finished_at), request=job.request, progress=job.progress, metrics=job.metrics,

@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
-    import uvicorn
-
     from app.db.session import migrate
     from app.logs import configure_logging
+    from prunekit.serve import serve
 
     configure_logging(settings.log_level)
     workers = settings.api_workers
@@ -114,8 +113,7 @@ def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="prunekit-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run("app.main:create_served_app", factory=True, workers=workers, host=host or settings.api_host,
-                    port=port or settings.api_port, log_level=settings.log_level, proxy_headers=True, log_config=None)
+        serve(workers, host or settings.api_host, port or settings.api_port, settings.log_level)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -6,9 +6,9 @@ import json
 import logging
 from typing import Annotated, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine
 
 from app import capabilities as caps
 from app.api.datasets import load_dataset
@@ -16,6 +16,7 @@ from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.config import Settings
 from app.db import queries
 from app.db.models import Job
+from app.db.session import read_with_retry
 from app.errors import Problem
 from app.queue import enqueue_job, enqueue_webhook
 from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
@@ -29,9 +30,13 @@ JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "faile
 def load_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     job = queries.get_job(session, tenant_id, job_id)
     if job is None:
-        # Another tenant's job answers exactly like a missing one: existence is not revealed.
-        raise Problem(404, "job_not_found", f"No job {job_id!r}.", param="id")
+        raise job_not_found(job_id)
     return job
+
+
+def job_not_found(job_id: str) -> Problem:
+    # Another tenant's job answers exactly like a missing one: existence is not revealed.
+    return Problem(404, "job_not_found", f"No job {job_id!r}.", param="id")
 
 
 def check_local_model(settings: SettingsDep, model: str) -> None:
@@ -142,13 +147,17 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDe
 async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> JobOut:
     # Clients poll this route, so it makes one trip to the threadpool where a sync route makes three (the route,
     # FastAPI's check of its response, the session's COMMIT), and one round trip to the database (an autocommit
-    # read of one row); the response is checked and serialised here on the event loop.
-    return await run_in_threadpool(_read_job, request.app.state.read_sessions, principal.tenant_id, job_id)
+    # read of one row, no ORM); the response is checked and serialised here on the event loop. No more threads read
+    # at once than the read pool has connections: the others wait here, not in a thread contending for the GIL.
+    return await to_thread.run_sync(_read_job, request.app.state.read_engine, principal.tenant_id, job_id,
+                                    limiter=request.app.state.read_threads)
 
 
-def _read_job(sessions: sessionmaker[Session], tenant_id: str, job_id: str) -> JobOut:
-    with sessions() as session:
-        return job_out(load_job(session, tenant_id, job_id))
+def _read_job(engine: Engine, tenant_id: str, job_id: str) -> JobOut:
+    view = read_with_retry(engine, lambda connection: queries.read_job_view(connection, tenant_id, job_id))
+    if view is None:
+        raise job_not_found(job_id)
+    return job_out(view)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.ratelimit import MemoryLimiter, RedisLimiter
+from app.ratelimit import MAX_BATCH, MemoryLimiter, RedisLimiter, batch_size
 from tests.conftest import REDIS_URL
 
 JOB = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}
@@ -67,3 +67,32 @@ def test_both_limiters_count_buckets_in_order_and_stop_at_the_first_refusal() ->
         if time.time() % 60 > 57:  # stay inside one fixed window
             time.sleep(61 - time.time() % 60)
         asyncio.run(check(limiter))
+
+
+def test_replicas_taking_counts_in_batches_never_admit_more_than_the_limit() -> None:
+    """A large limit is taken from Redis a batch at a time (one round trip for many requests); two replicas
+    spending their batches side by side still admit no more than the limit, and lose less than a batch each."""
+    limit, tag = 640, secrets.token_hex(4)
+    batch = batch_size(limit)
+    assert 1 < batch <= MAX_BATCH
+    bucket = f"test-{tag}:all"
+
+    async def hammer() -> tuple[int, int]:
+        replicas = [RedisLimiter(REDIS_URL), RedisLimiter(REDIS_URL)]
+        admitted = refused = 0
+        for i in range(limit + 100):  # interleaved, as a load balancer would spread them
+            if await replicas[i % 2].hit([(bucket, limit)]) is None:
+                admitted += 1
+            else:
+                refused += 1
+        return admitted, refused
+
+    if time.time() % 60 > 50:  # stay inside one fixed window
+        time.sleep(61 - time.time() % 60)
+    admitted, refused = asyncio.run(hammer())
+    assert limit - 2 * (batch - 1) <= admitted <= limit
+    assert admitted + refused == limit + 100
+    start = int(time.time() // 60) * 60
+    taken = int(redis.Redis.from_url(REDIS_URL).get(f"prunekit:ratelimit:{bucket}:{start}"))  # type: ignore[arg-type]
+    # Far fewer round trips than requests: each took a whole batch from the counter.
+    assert taken >= limit and taken % batch == 0
