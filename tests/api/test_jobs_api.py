@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import redis
 from fastapi.testclient import TestClient
 
@@ -103,3 +104,21 @@ def test_artifacts_of_a_queued_job_and_unknown_artifact(client: TestClient, auth
     for path in ["/v1/artifacts/art_nope", "/v1/artifacts/art_nope/content"]:
         response = client.get(path, headers=auth)
         assert response.status_code == 404 and response.json()["code"] == "artifact_not_found"
+
+
+def test_a_job_read_survives_the_database_dropping_the_pooled_connections(
+        client: TestClient, settings: Settings, new_key: Callable[[str], str]) -> None:
+    """GET /v1/jobs/{id} reads on a pool that does not ping before each read (a round trip a request): a
+    connection the database dropped is found on use, and the read runs again on a new one, unseen by the client."""
+    auth = {"Authorization": f"Bearer {new_key('reader')}"}
+    job = submit(client, auth)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).status_code == 200  # the read pool holds a connection
+    # What a database restart does to an API process's idle connections, without restarting the shared server.
+    with psycopg.connect(settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1),
+                         autocommit=True) as admin:
+        dropped = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND pid <> pg_backend_pid() AND state = 'idle'").fetchone()
+    assert dropped is not None and dropped[0] >= 1
+    response = client.get(f"/v1/jobs/{job['id']}", headers=auth)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == job["id"]

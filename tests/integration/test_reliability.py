@@ -470,9 +470,15 @@ def test_an_api_restart_loses_nothing_and_readyz_follows_the_database(make_servi
                  "/readyz to report the database down")
         body = httpx.get(f"{service.base_url}/readyz", timeout=5).json()
         assert body["checks"] == {"database": False, "broker": True}
+        # A request that needs the database says it is unavailable, for now: a 503 problem to retry, never a 500.
+        down = service.http.get(f"/v1/jobs/{jobs[0]}")
+        assert down.status_code == 503, down.text
+        assert down.headers["content-type"] == "application/problem+json"
+        assert down.json()["code"] == "database_unavailable" and int(down.headers["Retry-After"]) > 0
     wait_for(lambda: httpx.get(f"{service.base_url}/readyz", timeout=5).status_code == 200, 60,
              "/readyz to recover")
     assert api.poll() is None and service.processes["serve"] is api  # the same process, not restarted
+    # The read pool's connections died with the database; the first read on one is retried on a new connection.
     assert service.http.get(f"/v1/jobs/{jobs[0]}").json()["status"] == "succeeded"
 
 
