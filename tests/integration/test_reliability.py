@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -495,3 +496,46 @@ def test_the_cap_runs_one_job_of_a_tenant_at_a_time(make_service: Callable[..., 
             Job.id.in_(jobs))))
     (_, first_end), (second_start, _) = spans
     assert first_end is not None and second_start is not None and first_end <= second_start, spans
+
+
+def test_connections_opened_together_spread_over_the_api_processes(make_service: Callable[..., Service]) -> None:
+    """API_WORKERS=2, as docker-compose.yml runs the API: each process listens on a socket of its own, so clients
+    that connect together (a deploy, a load balancer's pool) are spread over both processes; on one shared socket
+    the first process to wake accepted every waiting connection and the other stayed idle."""
+    service = make_service(API_WORKERS="2")
+    port = int(service.base_url.rsplit(":", 1)[1])
+    request = (f"GET /v1/capabilities HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Authorization: Bearer {service.api_key}\r\n\r\n").encode()
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        assert all(client.recv(65536).startswith(b"HTTP/1.1 200") for client in clients)
+        per_process = connections_by_process(service.processes["serve"].pid, port)
+    finally:
+        for client in clients:
+            client.close()
+    # Spread by a hash of each connection's ports: fewer than 3 of 20 on one of two sockets is a 1-in-2,500 chance.
+    assert len(per_process) == 2, per_process
+    assert min(per_process.values()) >= 3 and sum(per_process.values()) == 20, per_process
+
+
+def connections_by_process(process_group: int, port: int) -> dict[int, int]:
+    """Established connections to `port` held by each process of a process group (from /proc)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                established.add(fields[9])  # the socket's inode
+    counts: dict[int, int] = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2]) != process_group:
+                continue
+            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue  # exited meanwhile
+        if held := len(inodes & established):
+            counts[pid] = held
+    return counts
