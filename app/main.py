@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gc
+from concurrent.futures import ThreadPoolExecutor
 
-from anyio import CapacityLimiter
 from fastapi import FastAPI
 
 from app.api import artifacts, datasets, jobs, streams, system, webhooks
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.state.sessions = session_factory(settings)
     app.state.read_sessions = read_session_factory(settings)
     app.state.read_engine = read_engine_for(settings.database_url)
-    app.state.read_threads = CapacityLimiter(READ_POOL_SIZE)
+    app.state.read_threads = ThreadPoolExecutor(READ_POOL_SIZE, thread_name_prefix="prunekit-read")
     app.state.store = make_store(settings)
     app.state.limiter = make_limiter(settings.rate_limit_url)
     app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
