@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 5.0
     webhook_timeout_s: float = 10.0
+    # Webhooks to loopback, private, link-local (cloud metadata) and other non-public addresses are refused, at
+    # submission and again when sent; true for receivers on a private network (and the tests' local receivers).
+    webhook_allow_private_hosts: bool = False
     rate_limit_per_minute: int = 1200
     job_create_limit_per_minute: int = 120
     # Where the per-tenant counters live: Redis shares them across API replicas; "memory" for one process.

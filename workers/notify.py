@@ -24,8 +24,9 @@ def deliver_job_webhook(job_id: str, status: str, attempt: int, settings: Settin
         payload = {"type": event_type, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "data": job_out(job).model_dump(mode="json")}
     # Stable across retries, so receivers can drop duplicates.
-    result = deliver(url, secret, f"msg_{job_id}_{status}", payload, settings.webhook_timeout_s)
-    last = attempt >= settings.webhook_max_attempts
+    result = deliver(url, secret, f"msg_{job_id}_{status}", payload, settings.webhook_timeout_s,
+                     settings.webhook_allow_private_hosts)
+    last = attempt >= settings.webhook_max_attempts or not result.retry
     with session_scope(settings) as session:
         if result.ok:
             message, level = f"Webhook {event_type} delivered ({result.detail}, attempt {attempt}).", "info"

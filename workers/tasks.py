@@ -27,7 +27,7 @@ def deliver_webhook(self: Task, job_id: str, status: str) -> None:
     settings = get_settings()
     attempt = self.request.retries + 1
     result = deliver_job_webhook(job_id, status, attempt, settings)
-    if result is not None and not result.ok and attempt < settings.webhook_max_attempts:
+    if result is not None and not result.ok and result.retry and attempt < settings.webhook_max_attempts:
         raise self.retry(countdown=settings.webhook_backoff_s * 2 ** (attempt - 1))
 
 

@@ -20,6 +20,7 @@ from app.db.session import read_with_retry
 from app.errors import Problem
 from app.queue import enqueue_job, enqueue_webhook
 from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
+from app.webhooks import unreachable_destination
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("prunekit.api")
@@ -98,6 +99,16 @@ def check_dataset_fits_model(settings: Settings, model: str, dataset_kind: str |
                       "builtin:wiki-en.", param=param)
 
 
+def check_webhook(settings: Settings, body: JobCreate) -> None:
+    if body.webhook is None or settings.webhook_allow_private_hosts:
+        return
+    # Names are resolved only when the webhook is sent (they may change meanwhile); an address is refused here.
+    refusal = unreachable_destination(str(body.webhook.url), lookup=None)
+    if refusal is not None:
+        raise Problem(422, "invalid_request", f"webhook.url: {refusal}; webhooks go to public addresses only "
+                      "(WEBHOOK_ALLOW_PRIVATE_HOSTS allows others).", param="webhook.url")
+
+
 @router.post("", status_code=201, response_model=JobOut)
 def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
                response: Response,
@@ -108,6 +119,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, se
                           param="sparsity")
         body.sparsity = body.sweep.sparsities[0]
     check_local_model(settings, body.model)
+    check_webhook(settings, body)
     dataset_kind = caps.BUILTIN_DATASETS.get(body.calibration.dataset)
     if body.calibration.dataset.startswith("ds_"):
         dataset_kind = load_dataset(session, principal.tenant_id, body.calibration.dataset,

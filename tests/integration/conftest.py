@@ -48,7 +48,7 @@ def start_service(env_overrides: dict[str, str], tmp: Path, models_root: Path) -
     env = {**os.environ, "PRUNEKIT_VAR_DIR": str(tmp / "var"), "MODELS_ROOT": str(models_root),
            "API_PORT": str(port), "API_HOST": "127.0.0.1", "DEVICE": "cpu", "LOG_LEVEL": "info",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "WEBHOOK_BACKOFF_S": "0.5", **env_overrides}
+           "WEBHOOK_BACKOFF_S": "0.5", "WEBHOOK_ALLOW_PRIVATE_HOSTS": "true", **env_overrides}
     settings = Settings(**{k: v for k, v in env.items() if k in _SETTING_NAMES})
     migrate(settings.database_url)
     with session_scope(settings) as session:
