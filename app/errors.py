@@ -12,6 +12,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db.async_reads import DatabaseUnavailable
+
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("prunekit.api")
 DATABASE_RETRY_AFTER_S = 5
@@ -78,6 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeout)
+    @app.exception_handler(DatabaseUnavailable)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         # The database is down, restarting or out of connections: nothing the client sent is wrong, and the same
         # request may well succeed in a few seconds (writes are in one transaction, so none was half done).

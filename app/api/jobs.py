@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import Engine
@@ -15,8 +15,8 @@ from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.config import Settings
 from app.db import queries
+from app.db.async_reads import AsyncReads
 from app.db.models import Job
-from app.db.session import read_with_retry
 from app.errors import Problem
 from app.queue import enqueue_job, enqueue_webhook
 from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
@@ -157,20 +157,23 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDe
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> JobOut:
-    # Clients poll this route, so it makes one trip to the threadpool where a sync route makes three (the route,
-    # FastAPI's check of its response, the session's COMMIT), and one round trip to the database (an autocommit
-    # read of one row, no ORM); the response is checked and serialised here on the event loop. The read runs on an
-    # executor with as many threads as the read pool has connections (more would only wait for one, contending for
-    # the GIL), handed over by asyncio itself: anyio's thread hand-off cost more than the query.
-    return await asyncio.get_running_loop().run_in_executor(
-        request.app.state.read_threads, _read_job, request.app.state.read_engine, principal.tenant_id, job_id)
-
-
-def _read_job(engine: Engine, tenant_id: str, job_id: str) -> JobOut:
-    view = read_with_retry(engine, lambda connection: queries.read_job_view(connection, tenant_id, job_id))
+    # Clients poll this route: on Postgres it reads on the event loop (app/db/async_reads.py), one autocommit round
+    # trip and no thread; on SQLite through SQLAlchemy on a thread of its own. The response is checked and
+    # serialised here on the event loop, where a sync route would make two more trips to the threadpool.
+    reads: AsyncReads | None = request.app.state.async_reads
+    if reads is not None:
+        view = await reads.job_view(principal.tenant_id, job_id)
+    else:
+        view = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.read_threads, _read_job_view, request.app.state.read_engine, principal.tenant_id, job_id)
     if view is None:
         raise job_not_found(job_id)
     return job_out(view)
+
+
+def _read_job_view(engine: Engine, tenant_id: str, job_id: str) -> Any:
+    with engine.connect() as connection:
+        return queries.read_job_view(connection, tenant_id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

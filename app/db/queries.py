@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, DateTime, Row, and_, delete, func, literal, or_, select, update
+from sqlalchemy import Connection, DateTime, Row, Select, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -70,15 +70,21 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
-# What a client sees of a job, read without the ORM: building a Job instance (identity map, attribute state) cost
-# more than the query itself on the most polled route.
-_JOB_VIEW = select(Job.id, Job.status, Job.request, Job.metadata_.label("metadata_"), Job.progress, Job.metrics,
-                   Job.error, Job.created_at, Job.started_at, Job.finished_at)
+def job_view_statement() -> Select[Any]:
+    """What a client sees of a job (job_out's fields, by attribute as on a Job), read without the ORM: building a
+    Job instance (identity map, attribute state) cost more than the query itself on the most polled route.
+    Parameters: job_id, tenant_id."""
+    return select(Job.id, Job.status, Job.request, Job.metadata_.label("metadata_"), Job.progress, Job.metrics,
+                  Job.error, Job.created_at, Job.started_at, Job.finished_at).where(
+        Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
+_JOB_VIEW = job_view_statement()
 
 
 def read_job_view(connection: Connection, tenant_id: str, job_id: str) -> Row[Any] | None:
-    """The fields of job_out, by attribute as on a Job; None for a missing job or another tenant's."""
-    return connection.execute(_JOB_VIEW.where(Job.id == job_id, Job.tenant_id == tenant_id)).first()
+    """job_view_statement's row; None for a missing job or another tenant's."""
+    return connection.execute(_JOB_VIEW, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
 def list_jobs(session: Session, tenant_id: str, limit: int, after: str | None,
