@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -13,8 +12,8 @@ from app.api import artifacts, datasets, jobs, streams, system, webhooks
 from app.auth import KeyCache
 from app.config import Settings, get_settings
 from app.dashboard import install_dashboard
-from app.db.async_reads import POOL_SIZE, AsyncReads
-from app.db.session import migrate, read_engine_for, read_session_factory, session_factory
+from app.db.async_reads import job_reads
+from app.db.session import migrate, read_session_factory, session_factory
 from app.errors import install_error_handlers
 from app.logs import configure_logging
 from app.observability import install_metrics
@@ -28,7 +27,7 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     if run_migrations:
         migrate(settings.database_url)
     app = FastAPI(
-        lifespan=_closing_async_reads,
+        lifespan=_closing_job_reads,
         title="prunekit",
         version="1",
         description="Pruning as a service: submit a job (model, sparsity, method), watch it, download the result.",
@@ -36,10 +35,7 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.read_sessions = read_session_factory(settings)
-    postgres = settings.database_url.startswith("postgresql")
-    app.state.async_reads = AsyncReads(settings.database_url) if postgres else None
-    app.state.read_engine = read_engine_for(settings.database_url)
-    app.state.read_threads = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="prunekit-read")
+    app.state.job_reads = job_reads(settings.database_url)
     app.state.store = make_store(settings)
     app.state.limiter = make_limiter(settings.rate_limit_url)
     app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
@@ -57,10 +53,9 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
 
 
 @asynccontextmanager
-async def _closing_async_reads(app: FastAPI) -> AsyncIterator[None]:
+async def _closing_job_reads(app: FastAPI) -> AsyncIterator[None]:
     yield
-    if app.state.async_reads is not None:
-        await app.state.async_reads.close()
+    await app.state.job_reads.close()
 
 
 def create_served_app() -> FastAPI:

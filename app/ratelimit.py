@@ -123,7 +123,9 @@ class RedisLimiter:
             if granted and granted[-1] == 0:
                 refused_bucket, limit = short[len(granted) - 1]
                 # As for a request refused in one round trip: counted in the buckets before the one that refused it.
-                for bucket, _ in buckets[:[b for b, _ in buckets].index(refused_bucket)]:
+                for bucket, _ in buckets:
+                    if bucket == refused_bucket:
+                        break
                     if self.held.get((bucket, start)):
                         self.held[(bucket, start)] -= 1
                 return Refusal(limit, max(1, retry_after))

@@ -324,8 +324,9 @@ class ArtifactList(BaseModel):
     has_more: bool = False
 
 
-def job_out(job: Job | Row[Any]) -> JobOut:
-    """From a Job, or a row of queries.read_job_view (the same fields, by attribute)."""
+def job_out(job: Job | Row[Any] | tuple[Any, ...]) -> JobOut:
+    """From a Job, or a row of queries.job_view_statement (the same fields, by attribute; a named tuple from
+    app/db/async_reads.py)."""
     return JobOut(
         id=job.id, status=job.status, created_at=epoch(job.created_at) or 0, started_at=epoch(job.started_at),
         finished_at=epoch(job.finished_at), request=job.request, progress=job.progress, metrics=job.metrics,

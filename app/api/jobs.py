@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy import Engine
 
 from app import capabilities as caps
 from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.config import Settings
 from app.db import queries
-from app.db.async_reads import AsyncReads
 from app.db.models import Job
 from app.errors import Problem
 from app.queue import enqueue_job, enqueue_webhook
@@ -157,23 +154,13 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDe
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> JobOut:
-    # Clients poll this route: on Postgres it reads on the event loop (app/db/async_reads.py), one autocommit round
-    # trip and no thread; on SQLite through SQLAlchemy on a thread of its own. The response is checked and
-    # serialised here on the event loop, where a sync route would make two more trips to the threadpool.
-    reads: AsyncReads | None = request.app.state.async_reads
-    if reads is not None:
-        view = await reads.job_view(principal.tenant_id, job_id)
-    else:
-        view = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.read_threads, _read_job_view, request.app.state.read_engine, principal.tenant_id, job_id)
+    # Clients poll this route: on Postgres it reads on the event loop, one autocommit round trip and no thread (see
+    # app/db/async_reads.py). The response is checked and serialised here on the event loop, where a sync route
+    # would make two more trips to the threadpool.
+    view = await request.app.state.job_reads.job_view(principal.tenant_id, job_id)
     if view is None:
         raise job_not_found(job_id)
     return job_out(view)
-
-
-def _read_job_view(engine: Engine, tenant_id: str, job_id: str) -> Any:
-    with engine.connect() as connection:
-        return queries.read_job_view(connection, tenant_id, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

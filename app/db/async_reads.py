@@ -4,7 +4,8 @@ Each API process keeps a few of psycopg's asyncio connections (autocommit: one r
 them without leaving the event loop. A read handed to a thread (SQLAlchemy is synchronous) cost about twice the
 API's CPU: the hand-off each way, and the threads and the event loop contending for the GIL under load. The
 statement is the one in app/db/queries.py, compiled once for Postgres, so the query is still defined there.
-SQLite (the embedded default) reads through SQLAlchemy on a thread, as before.
+SQLite (the embedded default) reads through SQLAlchemy on a few threads of its own (ThreadedReads); job_reads
+picks one for the database.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import namedtuple
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import Select
@@ -20,6 +22,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
 from app.db import queries
+from app.db.session import read_engine_for
 
 POOL_SIZE = 8  # reads at once per API process: more would only queue for the CPU
 CONNECT_TIMEOUT_S = 5
@@ -38,6 +41,36 @@ def _compiled(statement: Select[Any]) -> tuple[str, type]:
 _JOB_VIEW_SQL, _JobView = _compiled(queries.job_view_statement())
 
 
+class JobReads(Protocol):
+    async def job_view(self, tenant_id: str, job_id: str) -> Any | None:
+        """The fields job_out reads, by attribute; None for a missing job or another tenant's."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def job_reads(database_url: str) -> JobReads:
+    return AsyncReads(database_url) if database_url.startswith("postgresql") else ThreadedReads(database_url)
+
+
+class ThreadedReads:
+    """SQLAlchemy's reads (SQLite) on POOL_SIZE threads of their own, not the shared threadpool."""
+
+    def __init__(self, database_url: str, size: int = POOL_SIZE) -> None:
+        self.engine = read_engine_for(database_url)
+        self.threads = ThreadPoolExecutor(size, thread_name_prefix="prunekit-read")
+
+    async def job_view(self, tenant_id: str, job_id: str) -> Any | None:
+        return await asyncio.get_running_loop().run_in_executor(self.threads, self._job_view, tenant_id, job_id)
+
+    def _job_view(self, tenant_id: str, job_id: str) -> Any | None:
+        with self.engine.connect() as connection:
+            return queries.read_job_view(connection, tenant_id, job_id)
+
+    async def close(self) -> None:
+        self.threads.shutdown(wait=False)
+
+
 class AsyncReads:
     """A pool of connections for one event loop (a process normally runs one; tests run one per TestClient)."""
 
@@ -50,7 +83,6 @@ class AsyncReads:
         self._open = 0
 
     async def job_view(self, tenant_id: str, job_id: str) -> Any | None:
-        """The fields job_out reads, by attribute; None for a missing job or another tenant's."""
         row = await self._fetch_one(_JOB_VIEW_SQL, {"tenant_id": tenant_id, "job_id": job_id})
         return None if row is None else _JobView(*row)
 
