@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, Tenant
-from app.ids import new_id
+from prunekit.core.db.models import ApiKey, Tenant
+from prunekit.core.ids import new_id
 
 KEY_PREFIX = "pk_"
 
@@ -108,7 +108,7 @@ def create_key(session: Session, tenant_name: str, key_name: str = "") -> str:
 
 def revoke_key(session: Session, key_or_prefix: str) -> int:
     """Revokes by the key itself or by the prefix shown at creation; returns how many keys were revoked."""
-    from app.db.models import utcnow
+    from prunekit.core.db.models import utcnow
 
     query = select(ApiKey).where(ApiKey.revoked_at.is_(None))
     if len(key_or_prefix) > 16:

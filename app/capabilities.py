@@ -14,7 +14,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4", "4:8")
 ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
 RESTORATIONS = ("sparse-lora", "lora")
-# Families the engine has a tiny test model of (workers/pruning/demo_models.py) and prunes end to end.
+# Families the engine has a tiny test model of (prunekit/fixtures/demo_models.py) and prunes end to end.
 MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
 # Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
 TOWERS = ("vision", "qformer", "language")

@@ -12,7 +12,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.db.async_reads import DatabaseUnavailable
+from prunekit.core.db.async_reads import DatabaseUnavailable
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("prunekit.api")

@@ -10,16 +10,16 @@ from fastapi import FastAPI
 
 from app.api import artifacts, datasets, jobs, streams, system, webhooks
 from app.auth import KeyCache
-from app.config import Settings, get_settings
 from app.dashboard import install_dashboard
-from app.db.async_reads import job_reads
-from app.db.session import migrate, read_session_factory, session_factory
 from app.errors import install_error_handlers
-from app.logs import configure_logging
 from app.observability import install_metrics
 from app.openapi import install_openapi
 from app.ratelimit import make_limiter
-from app.storage import make_store
+from prunekit.core.config import Settings, get_settings
+from prunekit.core.db.async_reads import job_reads
+from prunekit.core.db.session import migrate, read_session_factory, session_factory
+from prunekit.core.logs import configure_logging
+from prunekit.core.storage import make_store
 
 
 def create_app(settings: Settings | None = None, run_migrations: bool = True) -> FastAPI:

@@ -16,8 +16,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db.models import Job
-from app.queue import queue_depth
+from prunekit.core.db.models import Job
+from prunekit.queue import queue_depth
 
 JOB_STATUSES = ("queued", "running", "cancel_requested", "succeeded", "failed", "cancelled")
 

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy import Row
 
 from app import capabilities as caps
-from app.db.models import Dataset, Job, JobEvent
+from prunekit.core.db.models import Dataset, Job, JobEvent
 
 _LOCAL = re.compile(r"^local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HF = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?$")
@@ -326,7 +326,7 @@ class ArtifactList(BaseModel):
 
 def job_out(job: Job | Row[Any] | tuple[Any, ...]) -> JobOut:
     """From a Job, or a row of queries.job_view_statement (the same fields, by attribute; a named tuple from
-    app/db/async_reads.py)."""
+    prunekit/core/db/async_reads.py)."""
     return JobOut(
         id=job.id, status=job.status, created_at=epoch(job.created_at) or 0, started_at=epoch(job.started_at),
         finished_at=epoch(job.finished_at), request=job.request, progress=job.progress, metrics=job.metrics,

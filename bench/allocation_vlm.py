@@ -33,11 +33,11 @@ def main() -> int:
 
     import torch
 
+    from prunekit.fixtures.vlm_fixtures import build_llava_smollm2
     from workers.pruning import multimodal
     from workers.pruning.allocation import plan
     from workers.pruning.models import find_towers, load_model, plan_towers
     from workers.pruning.spec import AllocationSpec, CalibrationSpec
-    from workers.pruning.vlm_fixtures import build_llava_smollm2
 
     language = ensure_model()
     if not (VISION_DIR / "config.json").is_file():

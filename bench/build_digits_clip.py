@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workers.pruning.digits_clip import build_digits_clip  # noqa: E402
+from prunekit.fixtures.digits_clip import build_digits_clip  # noqa: E402
 from workers.pruning.zero_shot import digits_zero_shot_accuracy  # noqa: E402
 
 

@@ -27,7 +27,7 @@ MIB = 2**20
 def ensure_model() -> Path:
     """The protocol's SmolLM2-135M as an fp32 HF folder, imported from the GGUF once and reused after."""
     if not (MODEL_DIR / "config.json").is_file():
-        from workers.pruning.demo_models import import_smollm2
+        from prunekit.fixtures.demo_models import import_smollm2
 
         import_smollm2(MODEL_DIR)
     return MODEL_DIR

@@ -113,8 +113,8 @@ def delete_queue(queue: str) -> None:
 
 def create_api_key(database_url: str) -> str:
     from app.auth import create_key
-    from app.config import Settings
-    from app.db.session import engine_for, migrate, session_scope
+    from prunekit.core.config import Settings
+    from prunekit.core.db.session import engine_for, migrate, session_scope
 
     migrate(database_url)
     settings = Settings(database_url=database_url, broker_url=REDIS_URL)

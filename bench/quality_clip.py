@@ -1,7 +1,7 @@
 """Vision quality benchmark (`make bench-clip`): zero-shot accuracy, achieved sparsity, pruning speed and peak RSS
 of magnitude, Wanda and SparseGPT on the digits-clip fixture, under ../shared/benchmark-protocol.md (fp32, CPU).
 
-digits-clip is the small CLIPModel the project trains itself (`workers/pruning/digits_clip.py`); it is built into
+digits-clip is the small CLIPModel the project trains itself (`prunekit/fixtures/digits_clip.py`); it is built into
 var/models/digits-clip on first use (a minute or two) and reused while its recipe fingerprint matches. Every job
 prunes both towers (vision and language) at the row's sparsity, unstructured, every layer alike (uniform), and
 calibrates on builtin:digits' train split (a CLIP job left at the default dataset does). Accuracy is the job's

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.config import get_settings
-from app.db.models import Base
-from app.db.session import make_engine
+from prunekit.core.config import get_settings
+from prunekit.core.db.models import Base
+from prunekit.core.db.session import make_engine
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database_url

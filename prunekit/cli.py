@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from app.config import Settings, get_settings
-
-DEMO_MODELS = ("tiny-llama", "smollm2-135m")  # what `up` imports
-# Also built in, on request only: digits-clip trains for about two minutes.
-BUILT_IN_MODELS = (*DEMO_MODELS, "digits-clip", "llava-smollm2")
+from prunekit.core.config import Settings, get_settings
+from prunekit.keys import create_key
+from prunekit.models_root import BUILT_IN_MODELS, import_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return cmd_worker(settings, args.concurrency)
     if args.command == "migrate":
-        from app.db.session import migrate
+        from prunekit.core.db.session import migrate
 
         migrate(settings.database_url)
         return 0
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         from app.auth import revoke_key
-        from app.db.session import session_scope
+        from prunekit.core.db.session import session_scope
 
         with session_scope(settings) as session:
             count = revoke_key(session, args.key)
@@ -97,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
-    from app.db.session import migrate
-    from app.logs import configure_logging
+    from prunekit.core.db.session import migrate
+    from prunekit.core.logs import configure_logging
     from prunekit.serve import serve
 
     configure_logging(settings.log_level)
@@ -121,7 +115,7 @@ def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
 
 
 def cmd_worker(settings: Settings, concurrency: int) -> int:
-    from app.logs import configure_logging
+    from prunekit.core.logs import configure_logging
     from workers.celery_app import celery
 
     configure_logging(settings.log_level)
@@ -132,84 +126,6 @@ def cmd_worker(settings: Settings, concurrency: int) -> int:
                         f"--pool={pool}", "-Q", settings.queue_name, "-E",
                         f"--hostname=prunekit-{os.getpid()}@%h"])
     return 0
-
-
-def create_key(settings: Settings, tenant: str, name: str = "") -> str:
-    from app.auth import create_key as _create
-    from app.db.session import migrate, session_scope
-
-    migrate(settings.database_url)
-    with session_scope(settings) as session:
-        return _create(session, tenant, name)
-
-
-def import_model(settings: Settings, name: str, source: Path | None, force: bool = False) -> Path:
-    from workers.pruning import demo_models
-
-    assert settings.models_root is not None
-    if "/" in name or name.startswith(".") or not name:
-        raise SystemExit(f"invalid model name {name!r}")
-    dest = settings.models_root / name
-    if dest.exists():
-        if not force:
-            return dest
-        shutil.rmtree(dest)
-    settings.models_root.mkdir(parents=True, exist_ok=True)
-    if source is not None and source.suffix == ".gguf":
-        demo_models.import_gguf(source, dest)
-    elif source is not None:
-        copy_hf_folder(source, dest)
-    elif name == "tiny-llama":
-        demo_models.build_tiny_llama(dest)
-    elif name == "smollm2-135m":
-        demo_models.import_smollm2(dest)
-    elif name == "digits-clip":
-        from workers.pruning.digits_clip import build_digits_clip
-
-        build_digits_clip(dest)
-    elif name == "llava-smollm2":
-        from workers.pruning.vlm_fixtures import build_llava_smollm2
-
-        # Both parts are imported first when missing: the vision tower is always digits-clip's, so the
-        # result does not depend on what happened to be imported before.
-        language = import_model(settings, "smollm2-135m", None)
-        vision = import_model(settings, "digits-clip", None)
-        build_llava_smollm2(dest, language, vision)
-    else:
-        raise SystemExit(f"unknown built-in model {name!r}: pass --from PATH (a .gguf file or an HF folder)")
-    return dest
-
-
-SAFE_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
-
-
-def copy_hf_folder(source: Path, dest: Path) -> None:
-    """Copies only files that cannot execute code when loaded: pickled weights are left behind."""
-    files = sorted({p for pattern in SAFE_MODEL_FILES for p in source.glob(pattern) if p.is_file()})
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise SystemExit(f"{source} has no .safetensors weights (pickled .bin/.pt/.pth checkpoints are refused)")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in files:
-        shutil.copy2(path, tmp / path.name)
-    tmp.rename(dest)
-
-
-def spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "prunekit", *args], start_new_session=True)
-
-
-def stop(processes: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
-    for proc in processes:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for proc in processes:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

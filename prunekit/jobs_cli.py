@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
 from prunekit.client import ApiError, Client
+from prunekit.core.config import get_settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import httpx
 
-from app.config import Settings
-from prunekit.cli import DEMO_MODELS, create_key, import_model, spawn, stop
 from prunekit.client import ApiError, Client
+from prunekit.core.config import Settings
 from prunekit.jobs_cli import bar as progress_bar
+from prunekit.keys import create_key
+from prunekit.models_root import DEMO_MODELS, import_model
+from prunekit.processes import spawn, stop
 
 MAIN_JOB: dict[str, Any] = {
     "method": "wanda",
@@ -25,7 +27,7 @@ MAIN_JOB: dict[str, Any] = {
 
 
 def run_up(settings: Settings, model: str, exit_after_demo: bool) -> int:
-    from app.db.session import migrate
+    from prunekit.core.db.session import migrate
 
     migrate(settings.database_url)
     for name in DEMO_MODELS:
@@ -55,7 +57,7 @@ def run_up(settings: Settings, model: str, exit_after_demo: bool) -> int:
 def dev_api_key(settings: Settings) -> str:
     """Created on first start, then reused, so that scripts and curl commands keep working."""
     from app.auth import authenticate
-    from app.db.session import session_scope
+    from prunekit.core.db.session import session_scope
 
     path = settings.var_dir / "dev-api-key"
     if path.exists():

@@ -39,7 +39,7 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield sqlalchemy_url(f"{base}/{name}")
-    from app.db.session import engine_for
+    from prunekit.core.db.session import engine_for
 
     engine_for.cache_clear()
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -82,7 +82,7 @@ def aws_test_credentials() -> None:
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models root with the tiny Llama built from its config, as `prunekit models import tiny-llama` does."""
-    from workers.pruning.demo_models import build_tiny_llama
+    from prunekit.fixtures.demo_models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_llama(root / "tiny-llama")
@@ -94,7 +94,7 @@ def digits_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real digits-clip recipe (about two minutes of one CPU thread), built once per run for unit and
     integration tests alike. PRUNEKIT_TEST_DIGITS_CLIP names a folder to keep it in between runs instead:
     the build's fingerprint (recipe, torch and transformers versions) decides whether it is reused."""
-    from workers.pruning.digits_clip import build_digits_clip
+    from prunekit.fixtures.digits_clip import build_digits_clip
 
     kept = os.environ.get("PRUNEKIT_TEST_DIGITS_CLIP")
     dest = Path(kept) if kept else tmp_path_factory.mktemp("digits-clip") / "digits-clip"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.config import get_settings
-from app.queue import make_celery
+from prunekit.core.config import get_settings
+from prunekit.queue import make_celery
 
 celery = make_celery(get_settings())
 celery.conf.update(include=["workers.tasks"], worker_hijack_root_logger=False)

@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import Settings
-from app.db import queries
-from app.storage import ArtifactStore, make_store
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.storage import ArtifactStore, make_store
 from workers.lease import Lease
 from workers.pruning.checkpoint import Checkpoint, CheckpointError, Resume
 

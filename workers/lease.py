@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db import queries
-from app.db.session import session_scope
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.session import session_scope
 
 log = logging.getLogger("prunekit.worker")
 

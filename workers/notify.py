@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from app.config import Settings
-from app.db import queries
-from app.db.models import Job
-from app.db.session import session_scope
 from app.schemas import job_out
-from app.webhooks import JOB_EVENT_TYPES, Delivery, deliver
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Job
+from prunekit.core.db.session import session_scope
+from prunekit.core.webhooks import JOB_EVENT_TYPES, Delivery, deliver
 
 
 def deliver_job_webhook(job_id: str, status: str, attempt: int, settings: Settings) -> Delivery | None:

@@ -18,12 +18,12 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from app.config import Settings
-from app.db import queries
-from app.db.models import Job, utcnow
-from app.db.session import session_scope
-from app.queue import enqueue_job, enqueue_webhook
-from app.storage import make_store
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Job, utcnow
+from prunekit.core.db.session import session_scope
+from prunekit.core.storage import make_store
+from prunekit.queue import enqueue_job, enqueue_webhook
 
 log = logging.getLogger("prunekit.reconcile")
 

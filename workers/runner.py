@@ -14,14 +14,14 @@ from typing import Any
 
 from sqlalchemy import delete
 
-from app.config import Settings
-from app.db import queries
-from app.db.models import Artifact, Job, utcnow
-from app.db.session import session_scope
-from app.ids import new_id
-from app.logs import current_job_id
-from app.queue import enqueue_job, enqueue_webhook
-from app.storage import S3Store, make_store, parse_s3_url
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Artifact, Job, utcnow
+from prunekit.core.db.session import session_scope
+from prunekit.core.ids import new_id
+from prunekit.core.logs import current_job_id
+from prunekit.core.storage import S3Store, make_store, parse_s3_url
+from prunekit.queue import enqueue_job, enqueue_webhook
 from workers import checkpoints
 from workers.lease import Lease, LeaseLost, new_owner
 from workers.pruning.models import resolve_model_ref

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.storage import ArtifactStore
+from prunekit.core.storage import ArtifactStore
 
 log = logging.getLogger("prunekit.worker")
 

@@ -7,8 +7,8 @@ from datetime import datetime
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 
-from app.config import get_settings
-from app.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
+from prunekit.core.config import get_settings
+from prunekit.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
 from workers.celery_app import celery
 from workers.reconcile import Reconciler
 

@@ -7,11 +7,11 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.api.jobs import load_job
-from app.db import queries
-from app.db.models import Artifact
 from app.errors import Problem
 from app.schemas import ArtifactList, ArtifactOut, epoch
-from app.storage import LocalStore, S3Store
+from prunekit.core.db import queries
+from prunekit.core.db.models import Artifact
+from prunekit.core.storage import LocalStore, S3Store
 
 router = APIRouter(tags=["artifacts"])
 

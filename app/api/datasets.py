@@ -10,13 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
-from app.config import Settings
-from app.datasets import CheckedUpload, InvalidUpload, UploadLimits, check_upload
-from app.db import queries
-from app.db.models import Dataset
 from app.errors import Problem
-from app.ids import new_id
 from app.schemas import DatasetList, DatasetOut, dataset_out
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Dataset
+from prunekit.core.ids import new_id
+from prunekit.core.uploads import CheckedUpload, InvalidUpload, UploadLimits, check_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -10,9 +10,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import KeyCache, Principal, authenticate, cached_principal
-from app.config import Settings
 from app.errors import Problem
 from app.ratelimit import Limiter
+from prunekit.core.config import Settings
 
 
 # Dependencies that do no I/O are async: FastAPI runs a sync one on the threadpool, and each such hop (a thread

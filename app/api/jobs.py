@@ -11,13 +11,13 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from app import capabilities as caps
 from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
-from app.config import Settings
-from app.db import queries
-from app.db.models import Job
 from app.errors import Problem
-from app.queue import enqueue_job, enqueue_webhook
 from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
-from app.webhooks import unreachable_destination
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Job
+from prunekit.core.webhooks import unreachable_destination
+from prunekit.queue import enqueue_job, enqueue_webhook
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("prunekit.api")
@@ -154,9 +154,9 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDe
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> JobOut:
-    # Clients poll this route: on Postgres it reads on the event loop, one autocommit round trip and no thread (see
-    # app/db/async_reads.py). The response is checked and serialised here on the event loop, where a sync route
-    # would make two more trips to the threadpool.
+    # Clients poll this route: on Postgres it reads on the event loop, one autocommit round trip and no thread
+    # (prunekit/core/db/async_reads.py). The response is checked and serialised here on the event loop, where a
+    # sync route would make two more trips to the threadpool.
     view = await request.app.state.job_reads.job_view(principal.tenant_id, job_id)
     if view is None:
         raise job_not_found(job_id)

@@ -14,9 +14,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import PrincipalDep, SessionDep
 from app.api.jobs import load_job
-from app.db import queries
-from app.db.models import Job
 from app.schemas import event_out
+from prunekit.core.db import queries
+from prunekit.core.db.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from app.api.deps import PrincipalDep, SettingsDep
 from app.capabilities import capabilities
-from app.queue import broker_reachable
+from prunekit.queue import broker_reachable
 
 router = APIRouter(tags=["service"])
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import PrincipalDep, SessionDep
-from app.db import queries
+from prunekit.core.db import queries
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.auth import create_key
-from app.config import Settings
-from app.db.session import session_scope
 from app.main import create_app
+from prunekit.core.config import Settings
+from prunekit.core.db.session import session_scope
 from tests.conftest import REDIS_URL
 
 

@@ -24,8 +24,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from app.config import Settings
 from app.main import create_app
+from prunekit.core.config import Settings
 from tests.conftest import free_port, wait_for
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

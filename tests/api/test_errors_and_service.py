@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
 from app.main import create_app
+from prunekit.core.config import Settings
 
 JOB = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}
 
@@ -136,7 +136,7 @@ def test_job_is_kept_when_the_broker_is_down(settings: Settings, auth: dict[str,
 
 def test_revoked_key_is_refused(client: TestClient, settings: Settings, new_key: Any) -> None:
     from app.auth import revoke_key
-    from app.db.session import session_scope
+    from prunekit.core.db.session import session_scope
 
     key = new_key("tenant-revoked")
     assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200

@@ -9,7 +9,7 @@ import psycopg
 import redis
 from fastapi.testclient import TestClient
 
-from app.config import Settings
+from prunekit.core.config import Settings
 from tests.conftest import REDIS_URL
 
 JOB = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}

@@ -10,9 +10,9 @@ import psycopg
 from fastapi.testclient import TestClient
 
 from app.auth import KeyCache, Principal, hash_key, revoke_key
-from app.config import Settings
-from app.db.session import session_scope
 from app.main import create_app
+from prunekit.core.config import Settings
+from prunekit.core.db.session import session_scope
 
 
 def revoke_elsewhere(settings: Settings, key: str) -> None:

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import redis
 from fastapi.testclient import TestClient
 
-from app.config import Settings
 from app.main import create_app
 from app.ratelimit import MAX_BATCH, MemoryLimiter, RedisLimiter, batch_size
+from prunekit.core.config import Settings
 from tests.conftest import REDIS_URL
 
 JOB = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}

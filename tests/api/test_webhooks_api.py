@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
 from app.main import create_app
-from app.webhooks import deliver, sign, unreachable_destination
+from prunekit.core.config import Settings
+from prunekit.core.webhooks import deliver, sign, unreachable_destination
 
 JOB = {"model": "local:tiny-llama", "method": "wanda", "sparsity": 0.5}
 

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from app.auth import create_key
-from app.config import Settings
-from app.db.session import engine_for, migrate, session_scope
+from prunekit.core.config import Settings
+from prunekit.core.db.session import engine_for, migrate, session_scope
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, ROOT, free_port, sqlalchemy_url, wait_for
 
 

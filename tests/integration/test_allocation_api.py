@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from prunekit.fixtures.demo_models import TINY_BUILDERS
 from tests.integration.conftest import Service, run_job, start_service, stop_service
 from tests.integration.test_job_flow import download_artifacts
-from workers.pruning.demo_models import TINY_BUILDERS
 from workers.pruning.models import load_model, prunable_layers, weight_matrix
 from workers.pruning.patterns import prune_count
 

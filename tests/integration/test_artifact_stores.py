@@ -10,8 +10,8 @@ import boto3
 import httpx
 import pytest
 
-from app.config import Settings
-from app.storage import LocalStore, S3Store, make_store, safe_key
+from prunekit.core.config import Settings
+from prunekit.core.storage import LocalStore, S3Store, make_store, safe_key
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -11,8 +11,8 @@ from typing import Any
 
 import redis
 
-from app.config import Settings
-from app.queue import RUN_JOB_TASK, make_celery
+from prunekit.core.config import Settings
+from prunekit.queue import RUN_JOB_TASK, make_celery
 from tests.conftest import REDIS_URL
 from tests.integration.conftest import fresh_database, start_service, stop_service
 from tests.integration.test_job_flow import SMALL

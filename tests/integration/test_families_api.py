@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunekit.fixtures.demo_models import build_tiny_llava
 from tests.integration.conftest import Service, start_service, stop_service
 from tests.integration.test_job_flow import download_artifacts, wait_until_ended
 from tests.unit.test_vision_calibration import image_text_zip
-from workers.pruning.demo_models import build_tiny_llava
 from workers.pruning.models import find_towers, load_model, prunable_layers, weight_matrix
 
 SMALL = {"calibration": {"num_samples": 4, "seq_len": 32}, "evaluation": {"num_samples": 2, "seq_len": 32}}

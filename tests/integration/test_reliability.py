@@ -25,11 +25,11 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from app.config import Settings
-from app.db import queries
-from app.db.models import Artifact, Job, Tenant, utcnow
-from app.db.session import migrate, session_scope
-from app.storage import make_store
+from prunekit.core.config import Settings
+from prunekit.core.db import queries
+from prunekit.core.db.models import Artifact, Job, Tenant, utcnow
+from prunekit.core.db.session import migrate, session_scope
+from prunekit.core.storage import make_store
 from tests.conftest import REDIS_URL, wait_for
 from tests.integration.conftest import (
     Service,
@@ -372,7 +372,7 @@ def test_a_job_survives_its_worker_being_killed(make_service: Callable[..., Serv
 @pytest.fixture
 def tiny_llama_8(models_root: Path) -> str:
     """An 8-block tiny Llama: enough blocks to be killed after a few and still have some to resume."""
-    from workers.pruning.demo_models import build_tiny_llama
+    from prunekit.fixtures.demo_models import build_tiny_llama
 
     if not (models_root / "tiny-llama-8").exists():
         build_tiny_llama(models_root / "tiny-llama-8", layers=8)

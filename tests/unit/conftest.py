@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prunekit.fixtures.demo_models import build_tiny_llama, import_smollm2
 from workers.pruning.data import BUILTIN_WIKI_EN, load_text
-from workers.pruning.demo_models import build_tiny_llama, import_smollm2
 
 
 def tiny_llama_from_config(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
@@ -49,7 +49,7 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """tiny_model("llava") -> the folder of that family's tiny model, built on first use (TINY_BUILDERS keys)."""
-    from workers.pruning.demo_models import TINY_BUILDERS
+    from prunekit.fixtures.demo_models import TINY_BUILDERS
 
     root = tmp_path_factory.mktemp("families")
 

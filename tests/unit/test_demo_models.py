@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from workers.pruning.demo_models import build_tiny_llama
+from prunekit.fixtures.demo_models import build_tiny_llama
 from workers.pruning.models import load_model
 
 

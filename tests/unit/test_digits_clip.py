@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from workers.pruning.clip_tokenizer import (
+from prunekit.fixtures.clip_tokenizer import (
     CLIP_VOCAB_SIZE,
     END_OF_TEXT_ID,
     START_OF_TEXT_ID,
     build_clip_tokenizer,
     clip_vocab_and_merges,
 )
-from workers.pruning.digits_clip import FINGERPRINT_FILE, Recipe, build_digits_clip, clip_config
+from prunekit.fixtures.digits_clip import FINGERPRINT_FILE, Recipe, build_digits_clip, clip_config
 from workers.pruning.images import digit_prompts, digits_split, pixel_values
 from workers.pruning.spec import JobCancelled
 from workers.pruning.zero_shot import digits_zero_shot_accuracy, zero_shot_accuracy, zero_shot_predictions

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prunekit.fixtures.demo_models import build_tiny_llama
 from workers.pruning.checkpoint import Checkpoint, FolderFiles, Resume
-from workers.pruning.demo_models import build_tiny_llama
 from workers.pruning.pipeline import run
 from workers.pruning.spec import CalibrationSpec, EvaluationSpec, Progress, PruneSpec, Result
 

@@ -328,7 +328,7 @@ def test_api_refuses_restore_with_offload() -> None:
 
 
 def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
-    from app.config import Settings
+    from prunekit.core.config import Settings
     from workers.pruning.spec import RestoreSpec
     from workers.runner import build_spec
 
@@ -340,7 +340,7 @@ def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
 
 
 def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:
-    from app.config import Settings
+    from prunekit.core.config import Settings
     from workers.runner import build_spec
 
     request = job(targets={"language": 0.5})
@@ -349,7 +349,7 @@ def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:
 
 
 def test_runner_passes_offload_allocation_and_sweep_to_the_engine(tmp_path: Path) -> None:
-    from app.config import Settings
+    from prunekit.core.config import Settings
     from workers.runner import build_spec
 
     body = JobCreate.model_validate(job(offload=True, allocation="owl", allocation_options={"spread": 0.05},

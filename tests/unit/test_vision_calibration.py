@@ -18,14 +18,14 @@ from app.api.jobs import check_dataset_fits_model
 from app.capabilities import capabilities
 from app.errors import Problem
 from app.schemas import JobCreate
+from prunekit.fixtures.clip_tokenizer import END_OF_TEXT_ID, START_OF_TEXT_ID
+from prunekit.fixtures.demo_models import IMAGE_TOKEN
+from prunekit.fixtures.vlm_fixtures import FIXTURE_FILE, build_llava_smollm2
 from workers.pruning import multimodal
-from workers.pruning.clip_tokenizer import END_OF_TEXT_ID, START_OF_TEXT_ID
-from workers.pruning.demo_models import IMAGE_TOKEN
 from workers.pruning.images import BUILTIN_DIGITS, digits_split, pixel_values, read_image_text_zip
 from workers.pruning.models import find_towers, load_model, prunable_layers
 from workers.pruning.pipeline import run
 from workers.pruning.spec import CalibrationSpec, EvaluationSpec, JobError, PruneSpec
-from workers.pruning.vlm_fixtures import FIXTURE_FILE, build_llava_smollm2
 
 SMALL_EVAL = EvaluationSpec(num_samples=2, seq_len=32)
 

@@ -3,7 +3,7 @@
 Each API process keeps a few of psycopg's asyncio connections (autocommit: one round trip a read) and reads on
 them without leaving the event loop. A read handed to a thread (SQLAlchemy is synchronous) cost about twice the
 API's CPU: the hand-off each way, and the threads and the event loop contending for the GIL under load. The
-statement is the one in app/db/queries.py, compiled once for Postgres, so the query is still defined there.
+statement is the one in prunekit/core/db/queries.py, compiled once for Postgres, so the query is still defined there.
 SQLite (the embedded default) reads through SQLAlchemy on a few threads of its own (ThreadedReads); job_reads
 picks one for the database.
 """
@@ -21,8 +21,8 @@ from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 
-from app.db import queries
-from app.db.session import read_engine_for
+from prunekit.core.db import queries
+from prunekit.core.db.session import read_engine_for
 
 POOL_SIZE = 8  # reads at once per API process: more would only queue for the CPU
 CONNECT_TIMEOUT_S = 5

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from app.config import Settings
+from prunekit.core.config import Settings
 
 
 class ArtifactStore(Protocol):

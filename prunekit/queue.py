@@ -6,7 +6,7 @@ from datetime import datetime
 
 from celery import Celery
 
-from app.config import Settings
+from prunekit.core.config import Settings
 
 RUN_JOB_TASK = "prunekit.run_job"
 DELIVER_WEBHOOK_TASK = "prunekit.deliver_webhook"

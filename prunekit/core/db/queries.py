@@ -12,8 +12,8 @@ from sqlalchemy import Connection, DateTime, Row, Select, and_, bindparam, delet
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
-from app.ids import new_id
+from prunekit.core.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
+from prunekit.core.ids import new_id
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -145,7 +145,7 @@ def get_artifact(session: Session, tenant_id: str, artifact_id: str) -> Artifact
 
 def webhook_secret(session: Session, tenant_id: str, rotate: bool = False) -> str:
     """The tenant's signing secret, made on first use; rotating invalidates the old one at once."""
-    from app.webhooks import new_secret
+    from prunekit.core.webhooks import new_secret
 
     tenant = session.get(Tenant, tenant_id)
     assert tenant is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings, get_settings
+from prunekit.core.config import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -42,7 +42,7 @@ def engine_for(database_url: str) -> Engine:
 
 def read_engine_for(database_url: str) -> Engine:
     """The engine's connections in autocommit mode, for reads of one statement: one round trip (no BEGIN and COMMIT
-    around the query). On Postgres the polled route reads through app/db/async_reads.py instead."""
+    around the query). On Postgres the polled route reads through prunekit/core/db/async_reads.py instead."""
     return engine_for(database_url).execution_options(isolation_level="AUTOCOMMIT")
 
 

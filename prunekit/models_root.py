@@ -1,0 +1,65 @@
+"""The server's models root: built-in demo and fixture models, and models imported from a file or folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prunekit.core.config import Settings
+
+DEMO_MODELS = ("tiny-llama", "smollm2-135m")  # what `up` imports
+# Also built in, on request only: digits-clip trains for about two minutes.
+BUILT_IN_MODELS = (*DEMO_MODELS, "digits-clip", "llava-smollm2")
+
+
+def import_model(settings: Settings, name: str, source: Path | None, force: bool = False) -> Path:
+    from prunekit.fixtures import demo_models
+
+    assert settings.models_root is not None
+    if "/" in name or name.startswith(".") or not name:
+        raise SystemExit(f"invalid model name {name!r}")
+    dest = settings.models_root / name
+    if dest.exists():
+        if not force:
+            return dest
+        shutil.rmtree(dest)
+    settings.models_root.mkdir(parents=True, exist_ok=True)
+    if source is not None and source.suffix == ".gguf":
+        demo_models.import_gguf(source, dest)
+    elif source is not None:
+        copy_hf_folder(source, dest)
+    elif name == "tiny-llama":
+        demo_models.build_tiny_llama(dest)
+    elif name == "smollm2-135m":
+        demo_models.import_smollm2(dest)
+    elif name == "digits-clip":
+        from prunekit.fixtures.digits_clip import build_digits_clip
+
+        build_digits_clip(dest)
+    elif name == "llava-smollm2":
+        from prunekit.fixtures.vlm_fixtures import build_llava_smollm2
+
+        # Both parts are imported first when missing: the vision tower is always digits-clip's, so the
+        # result does not depend on what happened to be imported before.
+        language = import_model(settings, "smollm2-135m", None)
+        vision = import_model(settings, "digits-clip", None)
+        build_llava_smollm2(dest, language, vision)
+    else:
+        raise SystemExit(f"unknown built-in model {name!r}: pass --from PATH (a .gguf file or an HF folder)")
+    return dest
+
+
+SAFE_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+
+
+def copy_hf_folder(source: Path, dest: Path) -> None:
+    """Copies only files that cannot execute code when loaded: pickled weights are left behind."""
+    files = sorted({p for pattern in SAFE_MODEL_FILES for p in source.glob(pattern) if p.is_file()})
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise SystemExit(f"{source} has no .safetensors weights (pickled .bin/.pt/.pth checkpoints are refused)")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in files:
+        shutil.copy2(path, tmp / path.name)
+    tmp.rename(dest)
