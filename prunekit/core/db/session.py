@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from prunekit.core.config import Settings, get_settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
 
 
 def make_engine(database_url: str) -> Engine:
