@@ -18,8 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prunekit.core.db.models import Job
 from prunekit.queue import queue_depth
-
-JOB_STATUSES = ("queued", "running", "cancel_requested", "succeeded", "failed", "cancelled")
+from prunekit.vocabulary import JobStatus
 
 
 class ServiceCollector(Collector):
@@ -35,12 +34,12 @@ class ServiceCollector(Collector):
         with self.app.state.sessions() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             totals: dict[str, list[float]] = {}
-            for metrics in session.scalars(select(Job.metrics).where(Job.status == "succeeded")):
+            for metrics in session.scalars(select(Job.metrics).where(Job.status == JobStatus.SUCCEEDED)):
                 for stage, seconds in ((metrics or {}).get("timings_s") or {}).items():
                     entry = totals.setdefault(stage, [0.0, 0.0])
                     entry[0] += float(seconds)
                     entry[1] += 1
-        for status in JOB_STATUSES:
+        for status in JobStatus:
             jobs.add_metric([status], counts.get(status, 0))
         for stage, (seconds, runs) in sorted(totals.items()):
             stage_sum.add_metric([stage], seconds)

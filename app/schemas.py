@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import re
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
@@ -13,6 +11,37 @@ from sqlalchemy import Row
 
 from app import capabilities as caps
 from prunekit.core.db.models import Dataset, Job, JobEvent
+from prunekit.core.documents import epoch, job_document
+from prunekit.vocabulary import (
+    ALLOCATION,
+    ALLOCATIONS,
+    CALIBRATION,
+    EVALUATION,
+    GRANULARITIES,
+    METHODS,
+    OFFLOAD,
+    PATTERN,
+    PATTERNS,
+    RESTORE,
+    RESTORE_METHODS,
+    UNIFORM,
+    JobStatus,
+    allocation_decides,
+    allocation_fits_pattern,
+    fits_pattern,
+    fixed_sparsity,
+    in_open_unit,
+    same_sparsity,
+    sweep_fits_pattern,
+)
+
+# Literal types of the vocabulary's names: the OpenAPI schema lists them as enums.
+MethodName = Literal[METHODS]  # type: ignore[valid-type]
+PatternName = Literal[PATTERNS]  # type: ignore[valid-type]
+AllocationName = Literal[ALLOCATIONS]  # type: ignore[valid-type]
+GranularityName = Literal[GRANULARITIES]  # type: ignore[valid-type]
+RestoreMethodName = Literal[RESTORE_METHODS]  # type: ignore[valid-type]
+JobStatusName = Literal[tuple(status.value for status in JobStatus)]  # type: ignore[valid-type]
 
 _LOCAL = re.compile(r"^local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HF = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?$")
@@ -44,10 +73,10 @@ class Strict(BaseModel):
 
 class Calibration(Strict):
     # A CLIP model left at this default calibrates on builtin:digits; the job's report names the dataset used.
-    dataset: str = "builtin:wiki-en"
-    num_samples: int = Field(64, ge=1, le=caps.LIMITS["calibration_num_samples"])
-    seq_len: int = Field(512, ge=16, le=caps.LIMITS["calibration_seq_len"])
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    dataset: str = CALIBRATION.dataset
+    num_samples: int = Field(CALIBRATION.num_samples, ge=1, le=caps.LIMITS["calibration_num_samples"])
+    seq_len: int = Field(CALIBRATION.seq_len, ge=16, le=caps.LIMITS["calibration_seq_len"])
+    seed: int = Field(CALIBRATION.seed, ge=0, le=2**31 - 1)
 
     @field_validator("dataset")
     @classmethod
@@ -56,24 +85,27 @@ class Calibration(Strict):
 
 
 class Evaluation(Strict):
-    perplexity: bool = True
-    accuracy: bool = Field(True, description="CLIP-style models: zero-shot accuracy on builtin:digits' held-out "
-                                             "split, dense and pruned (metrics.accuracy)")
-    num_samples: int = Field(64, ge=1, le=caps.LIMITS["evaluation_num_samples"])
-    seq_len: int = Field(512, ge=16, le=caps.LIMITS["evaluation_seq_len"])
+    perplexity: bool = EVALUATION.perplexity
+    accuracy: bool = Field(EVALUATION.accuracy,
+                           description="CLIP-style models: zero-shot accuracy on builtin:digits' held-out split, "
+                                       "dense and pruned (metrics.accuracy)")
+    num_samples: int = Field(EVALUATION.num_samples, ge=1, le=caps.LIMITS["evaluation_num_samples"])
+    seq_len: int = Field(EVALUATION.seq_len, ge=16, le=caps.LIMITS["evaluation_seq_len"])
 
 
 class AllocationOptions(Strict):
-    granularity: Literal["block", "layer"] = Field("block", description="one sparsity per block or per layer")
-    max_sparsity: float | None = Field(None, gt=0, lt=1, description="ECoFLaP: no group is pruned beyond this; "
-                                                                      "default target + 0.1")
-    num_samples: int = Field(8, ge=1, le=caps.LIMITS["allocation_num_samples"],
+    granularity: GranularityName = Field(ALLOCATION.granularity, description="one sparsity per block or per layer")
+    max_sparsity: float | None = Field(ALLOCATION.max_sparsity, gt=0, lt=1,
+                                       description="ECoFLaP: no group is pruned beyond this; default target + 0.1")
+    num_samples: int = Field(ALLOCATION.num_samples, ge=1, le=caps.LIMITS["allocation_num_samples"],
                              description="calibration samples the scores are estimated on")
-    seq_len: int | None = Field(None, ge=16, le=caps.LIMITS["calibration_seq_len"],
+    seq_len: int | None = Field(ALLOCATION.seq_len, ge=16, le=caps.LIMITS["calibration_seq_len"],
                                 description="tokens per scoring sample (language models); default: calibration's")
-    eps: float = Field(1e-3, gt=0, le=0.1, description="ecoflap-zeroth: the perturbation's size")
-    outlier_multiple: float = Field(5.0, gt=1, le=100, description="owl: M, outliers exceed M x the mean score")
-    spread: float = Field(0.08, ge=0, lt=0.5, description="owl: lambda, sparsities in [s - lambda, s + lambda]")
+    eps: float = Field(ALLOCATION.eps, gt=0, le=0.1, description="ecoflap-zeroth: the perturbation's size")
+    outlier_multiple: float = Field(ALLOCATION.outlier_multiple, gt=1, le=100,
+                                    description="owl: M, outliers exceed M x the mean score")
+    spread: float = Field(ALLOCATION.spread, ge=0, lt=0.5,
+                          description="owl: lambda, sparsities in [s - lambda, s + lambda]")
 
 
 class Sweep(Strict):
@@ -83,7 +115,7 @@ class Sweep(Strict):
     @field_validator("sparsities")
     @classmethod
     def _in_range(cls, value: list[float]) -> list[float]:
-        if any(not 0 < s < 1 for s in value):
+        if not all(in_open_unit(s) for s in value):
             raise ValueError("each sparsity must be between 0 and 1 (exclusive)")
         if len(set(value)) != len(value):
             raise ValueError("sparsities must be distinct")
@@ -94,15 +126,16 @@ _LAYER_SUFFIX = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 class Restore(Strict):
-    method: Literal["sparse-lora", "lora"] = Field(
-        "sparse-lora", description="sparse-lora keeps exactly the pruned zeros; lora (plain, for comparison) does not")
-    steps: int = Field(200, ge=1, le=caps.LIMITS["restore_steps"])
-    rank: int = Field(8, ge=1, le=caps.LIMITS["restore_rank"])
-    alpha: float = Field(16, gt=0, allow_inf_nan=False, description="the update is scaled by alpha / rank")
-    lr: float = Field(1e-4, gt=0, le=1, description="peak learning rate (AdamW)")
-    distill: float = Field(0.1, ge=0, le=1, description="weight of KL(dense teacher || student) in the loss")
-    batch_size: int = Field(4, ge=1, le=caps.LIMITS["restore_batch_size"])
-    warmup_steps: int | float = Field(10, ge=0, le=caps.LIMITS["restore_steps"],
+    method: RestoreMethodName = Field(
+        RESTORE.method, description="sparse-lora keeps exactly the pruned zeros; lora (plain, for comparison) does not")
+    steps: int = Field(RESTORE.steps, ge=1, le=caps.LIMITS["restore_steps"])
+    rank: int = Field(RESTORE.rank, ge=1, le=caps.LIMITS["restore_rank"])
+    alpha: float = Field(RESTORE.alpha, gt=0, allow_inf_nan=False, description="the update is scaled by alpha / rank")
+    lr: float = Field(RESTORE.lr, gt=0, le=1, description="peak learning rate (AdamW)")
+    distill: float = Field(RESTORE.distill, ge=0, le=1,
+                           description="weight of KL(dense teacher || student) in the loss")
+    batch_size: int = Field(RESTORE.batch_size, ge=1, le=caps.LIMITS["restore_batch_size"])
+    warmup_steps: int | float = Field(RESTORE.warmup_steps, ge=0, le=caps.LIMITS["restore_steps"],
                                       description="linear warm-up before the cosine decay: a number of steps (at "
                                                   "most `steps`), or a fraction in (0, 1)")
     dataset: str | None = Field(None, description="default: the calibration dataset; else builtin:... or ds_...")
@@ -146,12 +179,12 @@ class Webhook(Strict):
 
 class JobCreate(Strict):
     model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix")
-    method: Literal["magnitude", "wanda", "sparsegpt"]
+    method: MethodName
     # pattern comes before sparsity so that sparsity's validator can see it (fields validate in order).
-    pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    pattern: PatternName = PATTERN
     # Required, except with a sweep (it is then the sweep's lowest sparsity): the route checks that.
     sparsity: float | None = Field(None, gt=0, lt=1, description="required unless a sweep is given")
-    allocation: Literal["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"] = "uniform"
+    allocation: AllocationName = ALLOCATION.name
     allocation_options: AllocationOptions | None = Field(None, validate_default=True)
     targets: dict[str, float] | None = None
     restore: Restore | None = Field(None, description="LoRA fine-tuning after pruning; sparse-lora keeps the "
@@ -159,7 +192,7 @@ class JobCreate(Strict):
     sweep: Sweep | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    offload: bool = Field(False, description="keep the model in CPU memory and move one block at a time to the "
+    offload: bool = Field(OFFLOAD, description="keep the model in CPU memory and move one block at a time to the "
                                              "worker's GPU: prunes models larger than the GPU (no effect on CPU)")
     metadata: dict[str, str] = Field(default_factory=dict)
     webhook: Webhook | None = None
@@ -182,12 +215,10 @@ class JobCreate(Strict):
     @classmethod
     def _fixed_by_pattern(cls, value: float, info: ValidationInfo) -> float:
         pattern = info.data.get("pattern")  # absent when the pattern itself was invalid
-        if pattern and ":" in pattern:
-            n, m = (int(part) for part in pattern.split(":"))
-            fixed = 1 - n / m
-            if not math.isclose(value, fixed, abs_tol=1e-9):
-                raise PydanticCustomError("sparsity_fixed_by_pattern", "pattern {pattern} fixes sparsity at {fixed}",
-                                          {"pattern": pattern, "fixed": f"{fixed:g}"})
+        if not fits_pattern(value, pattern):
+            fixed = fixed_sparsity(pattern)
+            raise PydanticCustomError("sparsity_fixed_by_pattern", "pattern {pattern} fixes sparsity at {fixed}",
+                                      {"pattern": pattern, "fixed": f"{fixed:g}"})
         return value
 
     @field_validator("targets")
@@ -200,25 +231,24 @@ class JobCreate(Strict):
         unknown = sorted(set(value) - set(caps.TOWERS))
         if unknown:
             raise ValueError(f"unknown tower {', '.join(map(repr, unknown))}; towers: {', '.join(caps.TOWERS)}")
-        outside = {name: s for name, s in value.items() if not 0 < s < 1}
+        outside = {name: s for name, s in value.items() if not in_open_unit(s)}
         if outside:
             raise ValueError(f"each tower's sparsity must be between 0 and 1 (exclusive); got {outside}")
         pattern = info.data.get("pattern")
-        if pattern and ":" in pattern:  # as for `sparsity`: an N:M pattern fixes every tower's sparsity too
-            n, m = (int(part) for part in pattern.split(":"))
-            if any(not math.isclose(s, 1 - n / m, abs_tol=1e-9) for s in value.values()):
-                raise ValueError(f"pattern {pattern} fixes every tower's sparsity at {1 - n / m:g}")
+        # As for `sparsity`: an N:M pattern fixes every tower's sparsity too.
+        if not all(fits_pattern(s, pattern) for s in value.values()):
+            raise ValueError(f"pattern {pattern} fixes every tower's sparsity at {fixed_sparsity(pattern):g}")
         return value
 
     @field_validator("allocation_options")
     @classmethod
     def _options_fit(cls, value: AllocationOptions | None, info: ValidationInfo) -> AllocationOptions | None:
         allocation, pattern = info.data.get("allocation"), info.data.get("pattern")
-        if allocation == "uniform" and value is not None and value.model_fields_set:
+        if allocation == UNIFORM and value is not None and value.model_fields_set:
             raise ValueError("only applies to a non-uniform allocation (ecoflap-zeroth, ecoflap-first, owl)")
-        if allocation and allocation != "uniform":
+        if allocation and allocation_decides(allocation):
             value = value or AllocationOptions()
-            if pattern and ":" in pattern:
+            if not allocation_fits_pattern(allocation, pattern):
                 raise PydanticCustomError("allocation_with_nm", "pattern {pattern} fixes every layer's sparsity, so "
                                           "allocation {allocation} has nothing to decide; use allocation uniform",
                                           {"pattern": pattern, "allocation": allocation})
@@ -234,12 +264,12 @@ class JobCreate(Strict):
         if value is None:
             return value
         pattern = info.data.get("pattern")
-        if pattern and ":" in pattern:
+        if not sweep_fits_pattern(pattern):
             raise ValueError(f"pattern {pattern} fixes the sparsity; a sweep has nothing to vary")
         if info.data.get("targets") is not None:
             raise ValueError("cannot be combined with per-tower targets")
         sparsity = info.data.get("sparsity")
-        if sparsity is not None and not any(math.isclose(sparsity, s, abs_tol=1e-9) for s in value.sparsities):
+        if sparsity is not None and not any(same_sparsity(sparsity, s) for s in value.sparsities):
             raise ValueError(f"must include the job's sparsity ({sparsity}), or leave sparsity out")
         options = info.data.get("allocation_options")
         if options is not None and options.max_sparsity is not None and options.max_sparsity < max(value.sparsities):
@@ -265,18 +295,11 @@ class JobCreate(Strict):
         return value
 
 
-def epoch(ts: datetime | None) -> int | None:
-    if ts is None:
-        return None
-    if ts.tzinfo is None:  # SQLite hands back naive datetimes; they were written as UTC
-        ts = ts.replace(tzinfo=UTC)
-    return int(ts.timestamp())
-
 
 class JobOut(BaseModel):
     id: str
     object: Literal["pruning.job"] = "pruning.job"
-    status: Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
+    status: JobStatusName
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -325,13 +348,8 @@ class ArtifactList(BaseModel):
 
 
 def job_out(job: Job | Row[Any] | tuple[Any, ...]) -> JobOut:
-    """From a Job, or a row of queries.job_view_statement (the same fields, by attribute; a named tuple from
-    prunekit/core/db/async_reads.py)."""
-    return JobOut(
-        id=job.id, status=job.status, created_at=epoch(job.created_at) or 0, started_at=epoch(job.started_at),
-        finished_at=epoch(job.finished_at), request=job.request, progress=job.progress, metrics=job.metrics,
-        error=job.error, metadata=job.metadata_ or {},
-    )
+    """From a Job, or a row of queries.job_view_statement; the webhooks send the same document."""
+    return JobOut(**job_document(job))
 
 
 def event_out(event: JobEvent) -> EventOut:

@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from prunekit.vocabulary import ENDED
+
 
 class ApiError(Exception):
     def __init__(self, problem: dict[str, Any]) -> None:
@@ -68,7 +70,7 @@ class Client:
             for event in self.events(job_id, after):
                 after = event["id"]
                 yield event
-            if self.get_job(job_id)["status"] in ("succeeded", "failed", "cancelled"):
+            if self.get_job(job_id)["status"] in ENDED:
                 for event in self.events(job_id, after):
                     yield event
                 return

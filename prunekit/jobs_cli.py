@@ -13,8 +13,6 @@ from typing import Any
 from prunekit.client import ApiError, Client
 from prunekit.core.config import get_settings
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-
 
 def add_parser(sub: Any) -> None:
     jobs = sub.add_parser("jobs", help="submit, watch, download and list jobs over the HTTP API")

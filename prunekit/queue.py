@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from celery import Celery
@@ -61,6 +62,19 @@ def enqueue_job(settings: Settings, job_id: str, sent_at: datetime | None = None
 def enqueue_webhook(settings: Settings, job_id: str, status: str) -> None:
     _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id, status], queue=settings.queue_name,
                                   retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2})
+
+
+@dataclass(frozen=True)
+class QueueOutbox:
+    """prunekit.core.lifecycle's Outbox on this broker: the core asks for sends without importing Celery."""
+
+    settings: Settings
+
+    def enqueue_job(self, job_id: str, sent_at: datetime | None = None, countdown: float | None = None) -> None:
+        enqueue_job(self.settings, job_id, sent_at=sent_at, countdown=countdown)
+
+    def enqueue_webhook(self, job_id: str, status: str) -> None:
+        enqueue_webhook(self.settings, job_id, status)
 
 
 def broker_reachable(settings: Settings) -> bool:

@@ -1,4 +1,5 @@
-"""The engine's checkpoints kept in the artifact store, under {tenant}/{job}/checkpoints/, for the job's life."""
+"""The engine's checkpoints kept in the artifact store (layout.checkpoints_prefix) for the job's life; removed with the
+job's other files when it ends (prunekit/core/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunekit.core.config import Settings
+from prunekit.core import layout
 from prunekit.core.db import queries
-from prunekit.core.storage import ArtifactStore, make_store
+from prunekit.core.storage import ArtifactStore
 from workers.lease import Lease
 from workers.pruning.checkpoint import Checkpoint, CheckpointError, Resume
 
 log = logging.getLogger("prunekit.worker")
-
-
-def prefix_of(tenant_id: str, job_id: str) -> str:
-    return f"{tenant_id}/{job_id}/checkpoints"
 
 
 @dataclass
@@ -49,11 +46,11 @@ class StoreFiles:
             log.warning("could not delete checkpoint file %s: %s", name, exc)
 
 
-def checkpoint_for(lease: Lease, tenant_id: str, scratch: Path) -> Checkpoint | None:
+def checkpoint_for(lease: Lease, store: ArtifactStore, tenant_id: str, scratch: Path) -> Checkpoint | None:
     settings = lease.settings
     if settings.checkpoint_every_blocks <= 0:
         return None
-    files = StoreFiles(make_store(settings), prefix_of(tenant_id, lease.job_id), lease)
+    files = StoreFiles(store, layout.checkpoints_prefix(tenant_id, lease.job_id), lease)
     return Checkpoint(files, scratch, settings.checkpoint_every_blocks, on_resume=lambda r: _resumed(lease, r))
 
 
@@ -65,10 +62,3 @@ def _resumed(lease: Lease, resume: Resume) -> None:
                           data={"tower": resume.tower, "block": resume.block, "blocks_done": resume.done,
                                 "checkpoint_bytes": resume.size_bytes})
 
-
-def discard(settings: Settings, tenant_id: str, job_id: str) -> None:
-    """Removes a job's checkpoints once it has ended; failing to is only logged (they are not listed anywhere)."""
-    try:
-        make_store(settings).delete_prefix(prefix_of(tenant_id, job_id))
-    except Exception as exc:
-        log.warning("could not delete the checkpoints of %s: %s", job_id, exc)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
 from prunekit.core.db.session import session_scope
+from prunekit.core.periodic import Periodic
 
 log = logging.getLogger("prunekit.worker")
 
@@ -32,16 +33,14 @@ class Lease:
     def __init__(self, job_id: str, owner: str, attempt: int, settings: Settings) -> None:
         self.job_id, self.owner, self.attempt, self.settings = job_id, owner, attempt, settings
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        # Three beats per lease: one slow or failed beat (a database blip) does not lose the job.
+        self._heartbeat = Periodic(f"lease-{job_id}", settings.job_lease_s / 3, self._beat)
 
     def start(self) -> None:
-        self._thread.start()
+        self._heartbeat.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._heartbeat.stop()
 
     def check(self) -> None:
         if self.lost.is_set():
@@ -58,16 +57,13 @@ class Lease:
             yield session
 
     def _beat(self) -> None:
-        # Three beats per lease: one slow or failed beat (a database blip) does not lose the job.
-        interval = self.settings.job_lease_s / 3
-        while not self._stop.wait(interval):
-            try:
-                with session_scope(self.settings) as session:
-                    held = queries.touch_lease(session, self.job_id, self.owner, self.settings.job_lease_s)
-            except Exception as exc:
-                log.warning("heartbeat of %s failed (retrying): %s", self.job_id, exc)
-                continue
-            if not held:
-                log.warning("lease of %s lost: another worker took the job over", self.job_id)
-                self.lost.set()
-                return
+        try:
+            with session_scope(self.settings) as session:
+                held = queries.touch_lease(session, self.job_id, self.owner, self.settings.job_lease_s)
+        except Exception as exc:
+            log.warning("heartbeat of %s failed (retrying): %s", self.job_id, exc)
+            return
+        if not held:
+            log.warning("lease of %s lost: another worker took the job over", self.job_id)
+            self.lost.set()
+            self._heartbeat.stop()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from app.schemas import job_out
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
 from prunekit.core.db.models import Job
 from prunekit.core.db.session import session_scope
-from prunekit.core.webhooks import JOB_EVENT_TYPES, Delivery, deliver
+from prunekit.core.documents import job_document
+from prunekit.core.webhooks import JOB_EVENT_TYPES, Delivery, deliver, tenant_secret
 
 
 def deliver_job_webhook(job_id: str, status: str, attempt: int, settings: Settings) -> Delivery | None:
@@ -19,10 +19,10 @@ def deliver_job_webhook(job_id: str, status: str, attempt: int, settings: Settin
         if job is None or not (job.request.get("webhook") or {}).get("url"):
             return None
         url = job.request["webhook"]["url"]
-        secret = queries.webhook_secret(session, job.tenant_id)
+        secret = tenant_secret(session, job.tenant_id)
         event_type = JOB_EVENT_TYPES[status]
         payload = {"type": event_type, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "data": job_out(job).model_dump(mode="json")}
+                   "data": job_document(job)}  # what GET /v1/jobs/{id} answers
     # Stable across retries, so receivers can drop duplicates.
     result = deliver(url, secret, f"msg_{job_id}_{status}", payload, settings.webhook_timeout_s,
                      settings.webhook_allow_private_hosts)

@@ -14,16 +14,18 @@ compare-and-set on `enqueued_at`, so one of them sends it.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
-from prunekit.core.db.models import Job, utcnow
+from prunekit.core.db.models import utcnow
 from prunekit.core.db.session import session_scope
-from prunekit.core.storage import make_store
-from prunekit.queue import enqueue_job, enqueue_webhook
+from prunekit.core.periodic import Periodic
+from prunekit.core.storage import ArtifactStore, make_store
+from prunekit.queue import QueueOutbox
+from prunekit.vocabulary import JobStatus
 
 log = logging.getLogger("prunekit.reconcile")
 
@@ -48,29 +50,33 @@ def resend_due(job: queries.Unsent, now: datetime, base_s: float) -> bool:
     return (now - job.enqueued_at).total_seconds() >= gap
 
 
-def reconcile_once(settings: Settings) -> Report:
+def reconcile_once(settings: Settings, store: ArtifactStore | None = None,
+                   outbox: lifecycle.Outbox | None = None) -> Report:
+    """One round. A caller that reconciles again and again passes its own store and outbox (one per process)."""
+    outbox = outbox or QueueOutbox(settings)
     now = utcnow()
     base_s = settings.reconcile_interval_s
     with session_scope(settings) as session:
         candidates = queries.jobs_to_resend(session, now - timedelta(seconds=base_s), now)
     resent, cancelled = [], []
     for job in candidates:
-        if job.status == "cancel_requested":
-            if _cancel(job.id, settings):
+        if job.status == JobStatus.CANCEL_REQUESTED:
+            store = store or make_store(settings)
+            if _cancel(job.id, settings, store, outbox):
                 cancelled.append(job.id)
-        elif resend_due(job, now, base_s) and _resend(job, now, settings):
+        elif resend_due(job, now, base_s) and _resend(job, now, settings, outbox):
             resent.append(job.id)
     if resent or cancelled:
         log.info("reconciled: re-sent %d job(s) %s, cancelled %d abandoned", len(resent), resent, len(cancelled))
     return Report(resent, cancelled)
 
 
-def _resend(job: queries.Unsent, now: datetime, settings: Settings) -> bool:
+def _resend(job: queries.Unsent, now: datetime, settings: Settings, outbox: lifecycle.Outbox) -> bool:
     with session_scope(settings) as session:
         if not queries.mark_enqueued(session, job.id, job.enqueued_at, now):
             return False  # another worker's reconciler (or the runner) sent it just now
     try:
-        enqueue_job(settings, job.id, sent_at=now)
+        outbox.enqueue_job(job.id, sent_at=now)
     except Exception as exc:
         log.warning("could not re-send %s (next round retries): %s", job.id, exc)
         with session_scope(settings) as session:
@@ -79,49 +85,35 @@ def _resend(job: queries.Unsent, now: datetime, settings: Settings) -> bool:
     return True
 
 
-def _cancel(job_id: str, settings: Settings) -> bool:
+def _cancel(job_id: str, settings: Settings, store: ArtifactStore, outbox: lifecycle.Outbox) -> bool:
     with session_scope(settings) as session:
-        if not queries.cancel_abandoned(session, job_id):
-            return False
-        job = session.get(Job, job_id)
-        assert job is not None
-        tenant_id, has_webhook = job.tenant_id, bool(job.request.get("webhook"))
+        ended = lifecycle.cancel_abandoned(session, job_id)
+    if ended is None:
+        return False
     # Its checkpoints and whatever its dead worker had uploaded, removed once the compare-and-set made the job ours
-    # to end (as the runner does for a job it cancels itself). A failure is only logged: nothing lists the files.
-    try:
-        make_store(settings).delete_prefix(f"{tenant_id}/{job_id}")
-    except Exception as exc:
-        log.warning("could not delete the files of cancelled job %s under %s/%s: %s", job_id, tenant_id, job_id,
-                    exc)
-    if has_webhook:
-        try:
-            enqueue_webhook(settings, job_id, "cancelled")
-        except Exception as exc:
-            log.warning("could not enqueue the webhook of %s: %s", job_id, exc)
+    # to end (as the runner does for a job it cancels itself).
+    lifecycle.drop_files(store, ended.tenant_id, job_id)
+    lifecycle.announce(outbox, ended)
     return True
 
 
 class Reconciler:
-    """The periodic loop; one per worker process."""
+    """The periodic loop; one per worker process, with one artifact store and one outbox."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="prunekit-reconciler", daemon=True)
+        self.settings, self.outbox = settings, QueueOutbox(settings)
+        self.store: ArtifactStore | None = None  # made in the loop, where a failure is retried
+        self._loop = Periodic("prunekit-reconciler", settings.reconcile_interval_s, self._round, at_start=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                reconcile_once(self.settings)
-            except Exception as exc:  # the database or broker is down: try again next round
-                log.warning("reconcile failed (retrying in %.0f s): %s", self.settings.reconcile_interval_s, exc)
-            if self._stop.wait(self.settings.reconcile_interval_s):
-                return
+    def _round(self) -> None:
+        try:
+            self.store = self.store or make_store(self.settings)
+            reconcile_once(self.settings, self.store, self.outbox)
+        except Exception as exc:  # the database or broker is down: try again next round
+            log.warning("reconcile failed (retrying in %.0f s): %s", self.settings.reconcile_interval_s, exc)

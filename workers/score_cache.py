@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunekit.core import layout
 from prunekit.core.storage import ArtifactStore
 
 log = logging.getLogger("prunekit.worker")
-
-
-def prefix_of(tenant_id: str) -> str:
-    return f"{tenant_id}/score-cache"
 
 
 @dataclass
@@ -28,6 +25,10 @@ class StoreScoreCache:
     store: ArtifactStore
     prefix: str
     scratch: Path
+
+    @classmethod
+    def for_tenant(cls, store: ArtifactStore, tenant_id: str, scratch: Path) -> StoreScoreCache:
+        return cls(store, layout.score_cache_prefix(tenant_id), scratch)
 
     def get(self, key: str) -> dict[str, Any] | None:
         name = f"{self.prefix}/{key}.json"

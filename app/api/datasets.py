@@ -12,11 +12,12 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.errors import Problem
 from app.schemas import DatasetList, DatasetOut, dataset_out
+from prunekit.core import layout
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
 from prunekit.core.db.models import Dataset
 from prunekit.core.ids import new_id
-from prunekit.core.uploads import CheckedUpload, InvalidUpload, UploadLimits, check_upload
+from prunekit.core.uploads import CheckedUpload, InvalidUpload, check_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -52,7 +53,7 @@ def upload_dataset(request: Request, session: SessionDep, principal: PrincipalDe
         checked = _check(path, filename, settings)
         dataset = Dataset(id=new_id("ds"), tenant_id=principal.tenant_id, name=name or filename, kind=checked.kind,
                           num_records=checked.num_records, size_bytes=size, sha256=digest, storage_key="")
-        dataset.storage_key = f"{principal.tenant_id}/datasets/{dataset.id}/{checked.stored_name}"
+        dataset.storage_key = layout.dataset_key(principal.tenant_id, dataset.id, checked.stored_name)
         request.app.state.store.put_file(dataset.storage_key, path, _CONTENT_TYPES[checked.stored_name])
     queries.add_dataset(session, dataset)
     session.commit()  # visible to the very next request, which may be a job naming it
@@ -74,10 +75,9 @@ def _copy_capped(upload: UploadFile, dest: Path, settings: Settings) -> tuple[in
 
 
 def _check(path: Path, filename: str, settings: Settings) -> CheckedUpload:
-    limits = UploadLimits(max_records=settings.max_dataset_records, max_zip_members=settings.max_zip_members,
-                          max_zip_uncompressed_bytes=settings.max_zip_uncompressed_bytes)
     try:
-        return check_upload(path, filename, limits)
+        # The limits the worker reads the dataset with: what is stored here, every job can use.
+        return check_upload(path, filename, settings.archive_limits())
     except InvalidUpload as exc:
         raise Problem(422, "invalid_upload", f"{filename}: {exc}", param="file") from exc
 
@@ -102,7 +102,7 @@ def delete_dataset(dataset_id: str, request: Request, session: SessionDep, princ
     if users:
         raise Problem(409, "dataset_in_use", f"Jobs that have not ended use this dataset: {', '.join(users)}.",
                       param="id")
-    prefix = dataset.storage_key.rsplit("/", 1)[0]
+    prefix = layout.dataset_prefix(principal.tenant_id, dataset.id)
     session.delete(dataset)
     # Committed before answering (the session dependency would commit only after the response is sent),
     # and before the files go: a failed commit must not leave a row whose content is gone.

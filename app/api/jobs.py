@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
@@ -12,18 +12,16 @@ from app import capabilities as caps
 from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.errors import Problem
-from app.schemas import EventList, JobCreate, JobList, JobOut, event_out, job_out
+from app.schemas import EventList, JobCreate, JobList, JobOut, JobStatusName, event_out, job_out
+from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
 from prunekit.core.db.models import Job
 from prunekit.core.webhooks import unreachable_destination
-from prunekit.queue import enqueue_job, enqueue_webhook
+from prunekit.queue import QueueOutbox, enqueue_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("prunekit.api")
-
-JobStatus = Literal["queued", "running", "cancel_requested", "succeeded", "failed", "cancelled"]
-
 
 def load_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     job = queries.get_job(session, tenant_id, job_id)
@@ -146,7 +144,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, se
 def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=40)] = None,
-              status: JobStatus | None = None) -> JobList:
+              status: JobStatusName | None = None) -> JobList:
     jobs, has_more = queries.list_jobs(session, principal.tenant_id, min(limit, settings.max_page_size), after,
                                        status)
     return JobList(data=[job_out(j) for j in jobs], has_more=has_more)
@@ -167,20 +165,12 @@ async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> Job
 def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JobOut:
     job = load_job(session, principal.tenant_id, job_id)
     try:
-        queries.cancel_job(session, job)
+        ended = lifecycle.cancel(session, job)
     except queries.StateConflict as exc:
         raise Problem(409, "job_already_ended", str(exc), param="id") from exc
     session.commit()
-    if job.status == "cancelled" and job.request.get("webhook"):
-        notify(settings, job.id, job.status)
+    lifecycle.announce(QueueOutbox(settings), ended)
     return job_out(job)
-
-
-def notify(settings: Settings, job_id: str, status: str) -> None:
-    try:
-        enqueue_webhook(settings, job_id, status)
-    except Exception as exc:
-        log.warning("could not enqueue the webhook of %s: %s", job_id, exc)
 
 
 @router.get("/{job_id}/events", response_model=EventList)

@@ -17,6 +17,7 @@ from app.api.jobs import load_job
 from app.schemas import event_out
 from prunekit.core.db import queries
 from prunekit.core.db.models import Job
+from prunekit.vocabulary import ENDED
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,7 +42,7 @@ def _poll(request: Request, job_id: str, cursor: int) -> tuple[list[str], int, b
     with request.app.state.sessions() as session:
         # Status first, then events: an ended job's last events are never missed.
         job = session.get(Job, job_id)
-        ended = job is None or job.status in queries.TERMINAL
+        ended = job is None or job.status in ENDED
         events, _ = queries.list_events(session, job_id, cursor, 500)
     frames = []
     for event in events:

@@ -17,12 +17,7 @@ router = APIRouter(tags=["service"])
 
 @router.get("/v1/capabilities")
 def get_capabilities(_: PrincipalDep, settings: SettingsDep) -> dict[str, Any]:
-    caps = capabilities()
-    caps["limits"] = {**caps["limits"], "upload_bytes": settings.max_upload_bytes,
-                      "dataset_records": settings.max_dataset_records, "zip_members": settings.max_zip_members,
-                      "zip_uncompressed_bytes": settings.max_zip_uncompressed_bytes,
-                      "running_jobs_per_tenant": settings.max_running_jobs_per_tenant}
-    return caps
+    return capabilities(settings)
 
 
 @router.get("/healthz")

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prunekit.vocabulary import ARCHIVE_LIMITS, MAX_UPLOAD_BYTES, ArchiveLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False, populate_by_name=True)
@@ -45,11 +47,18 @@ class Settings(BaseSettings):
     # revoked by `prunekit keys revoke` (another process) is refused everywhere within it. 0 turns the cache off.
     api_key_cache_ttl_s: float = Field(default=5.0, ge=0)
     presign_expiry_s: int = 3600
-    # Uploaded datasets (POST /v1/datasets): a bigger body answers 413; the rest of a bad upload 422.
-    max_upload_bytes: int = 256 * 2**20
-    max_dataset_records: int = 1_000_000
-    max_zip_members: int = 100_000
-    max_zip_uncompressed_bytes: int = 2 * 2**30
+    # Uploaded datasets (POST /v1/datasets): a bigger body answers 413; the rest of a bad upload 422. The API checks
+    # an upload with the archive limits and the worker reads it with the same ones (archive_limits()), so that a
+    # dataset stored with a 201 can be used by every job.
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_dataset_records: int = ARCHIVE_LIMITS.max_records
+    max_zip_members: int = ARCHIVE_LIMITS.max_members
+    max_zip_uncompressed_bytes: int = ARCHIVE_LIMITS.max_total_bytes
+    max_zip_member_bytes: int = ARCHIVE_LIMITS.max_member_bytes
+    max_zip_compression_ratio: float = ARCHIVE_LIMITS.max_ratio
+    max_caption_chars: int = ARCHIVE_LIMITS.max_text_chars
+    max_image_pixels: int = ARCHIVE_LIMITS.max_image_pixels
+    max_dataset_pixels: int = ARCHIVE_LIMITS.max_total_pixels
     # Reliability: a worker holds a job by a lease in the database, renewed every job_lease_s / 3; a lease
     # left to expire (the worker died) lets the reconciler hand the job to another worker.
     job_lease_s: float = 60.0
@@ -79,6 +88,14 @@ class Settings(BaseSettings):
         self.hf_cache_dir = (self.hf_cache_dir or var / "hf-cache").resolve()
         self.work_dir = (self.work_dir or var / "work").resolve()
         return self
+
+    def archive_limits(self) -> ArchiveLimits:
+        """What an uploaded dataset may hold: the API checks uploads with it, the worker hands it to the engine."""
+        return ArchiveLimits(max_records=self.max_dataset_records, max_members=self.max_zip_members,
+                             max_total_bytes=self.max_zip_uncompressed_bytes,
+                             max_member_bytes=self.max_zip_member_bytes, max_ratio=self.max_zip_compression_ratio,
+                             max_text_chars=self.max_caption_chars, max_image_pixels=self.max_image_pixels,
+                             max_total_pixels=self.max_dataset_pixels)
 
     @property
     def is_sqlite(self) -> bool:

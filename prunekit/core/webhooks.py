@@ -16,14 +16,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.orm import Session
+
+from prunekit.core.db.models import Tenant
+from prunekit.vocabulary import ENDED
 
 SECRET_PREFIX = "whsec_"
-JOB_EVENT_TYPES = {"succeeded": "pruning.job.succeeded", "failed": "pruning.job.failed",
-                   "cancelled": "pruning.job.cancelled"}
+# One event type per way a job ends.
+JOB_EVENT_TYPES = {status: f"pruning.job.{status}" for status in ENDED}
 
 
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def tenant_secret(session: Session, tenant_id: str, rotate: bool = False) -> str:
+    """The tenant's signing secret, made on first use; rotating invalidates the old one at once."""
+    tenant = session.get(Tenant, tenant_id)
+    assert tenant is not None
+    if tenant.webhook_secret is None or rotate:
+        tenant.webhook_secret = new_secret()
+        session.flush()
+    return tenant.webhook_secret
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from workers.pruning.methods import METHODS, Method
 from workers.pruning.models import block_linears, find_towers, load_model, prunable_layers, weight_matrix
 from workers.pruning.pipeline import run
-from workers.pruning.sequential import prune_sequential
+from workers.pruning.sequential import Feed, Pruning, prune_sequential
 from workers.pruning.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 
 LANGUAGE_MODELS = ("llama", "mistral", "qwen2", "gpt2", "opt")
@@ -112,7 +112,7 @@ def test_conv1d_methods_see_out_by_in_weights_and_write_back_transposed(tiny_mod
         seen.append(tuple(weight.shape))
         return METHODS["magnitude"].prune(weight, None, sparsity, pattern)
 
-    prune_sequential(model, tower.blocks, Method("spy", None, spy), 0.5, "unstructured", None)
+    prune_sequential(model, tower.blocks, Pruning(Method("spy", None, spy), 0.5), Feed(None))
     convs = [layer for block in tower.blocks for layer in block_linears(block).values()]
     assert convs and all(isinstance(layer, Conv1D) for layer in convs)
     assert seen == [(layer.nf, layer.weight.shape[0]) for layer in convs]

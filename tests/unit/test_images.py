@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from prunekit.vocabulary import ArchiveLimits
 from workers.pruning.images import (
     BUILTIN_DIGITS,
     CLIP_MEAN,
     CLIP_STD,
-    ZipLimits,
     digits_split,
     load_image_text,
     pixel_values,
@@ -161,7 +161,7 @@ def test_zip_reader_refuses_too_many_members(tmp_path: Path) -> None:
     members = {f"{index}.png": b"x" for index in range(10)}
     path = _zip(tmp_path / "many.zip", members, [{"image": "0.png", "text": "x"}])
     with pytest.raises(ValueError, match="11 members; at most 5"):
-        read_image_text_zip(path, ZipLimits(max_members=5))
+        read_image_text_zip(path, ArchiveLimits(max_members=5))
 
 
 def test_zip_reader_refuses_a_zip_bomb(tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_zip_reader_refuses_a_zip_bomb(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="zip bomb"):
         read_image_text_zip(path)
     with pytest.raises(ValueError, match="expands to more than"):
-        read_image_text_zip(path, ZipLimits(max_ratio=1e9, max_total_bytes=1 << 20))
+        read_image_text_zip(path, ArchiveLimits(max_ratio=1e9, max_total_bytes=1 << 20))
 
 
 def test_zip_reader_refuses_an_image_with_too_many_pixels(tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_zip_reader_refuses_an_image_with_too_many_pixels(tmp_path: Path) -> Non
             read_image_text_zip(path)
     small = _zip(tmp_path / "small.zip", {"a.png": _png(20, 20)}, [{"image": "a.png", "text": "x"}])
     with pytest.raises(ValueError, match="20x20 pixels"):
-        read_image_text_zip(small, ZipLimits(max_image_pixels=100))
+        read_image_text_zip(small, ArchiveLimits(max_image_pixels=100))
 
 
 @pytest.mark.parametrize(("members", "records", "message"), [

@@ -6,7 +6,7 @@ import torch
 from tests.unit.conftest import tiny_llama_from_config
 from workers.pruning.methods import get_method, wanda
 from workers.pruning.models import block_linears, find_blocks, prunable_layers
-from workers.pruning.sequential import capture_block_inputs, prune_sequential
+from workers.pruning.sequential import Callbacks, Feed, Pruning, capture_block_inputs, prune_sequential
 from workers.pruning.spec import JobCancelled
 
 WINDOWS = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
@@ -22,7 +22,7 @@ def test_every_row_loses_exactly_floor_s_in(method: str, sparsity: float) -> Non
     model = tiny_llama_from_config()
     before = dense_state(model)
     _, blocks = find_blocks(model)
-    prune_sequential(model, blocks, get_method(method), sparsity, "unstructured", WINDOWS, batch_size=4)
+    prune_sequential(model, blocks, Pruning(get_method(method), sparsity), Feed(WINDOWS, batch_size=4))
     layers = prunable_layers(model)
     for name, layer in layers.items():
         zeros_per_row = (layer.weight == 0).sum(dim=1)
@@ -39,7 +39,7 @@ def test_wanda_uses_the_inputs_of_the_already_pruned_model() -> None:
     sparsity = 0.5
     model, reference = tiny_llama_from_config(), tiny_llama_from_config()
     _, blocks = find_blocks(model)
-    prune_sequential(model, blocks, get_method("wanda"), sparsity, "unstructured", WINDOWS, batch_size=3)
+    prune_sequential(model, blocks, Pruning(get_method("wanda"), sparsity), Feed(WINDOWS, batch_size=3))
 
     for block in find_blocks(reference)[1]:
         linears = block_linears(block)
@@ -75,8 +75,8 @@ def test_cancel_stops_before_the_next_block() -> None:
     _, blocks = find_blocks(model)
     done: list[int] = []
     with pytest.raises(JobCancelled):
-        prune_sequential(model, blocks, get_method("magnitude"), 0.5, "unstructured", None,
-                         on_block=lambda d, _t: done.append(d), should_cancel=lambda: len(done) >= 1)
+        prune_sequential(model, blocks, Pruning(get_method("magnitude"), 0.5), Feed(None),
+                         Callbacks(on_block=lambda d, _t: done.append(d), should_cancel=lambda: len(done) >= 1))
     assert done == [1]
     assert (blocks[0].mlp.up_proj.weight == 0).any() and not (blocks[1].mlp.up_proj.weight == 0).any()
 
@@ -85,6 +85,6 @@ def test_weights_stay_ordinary_tensors_after_pruning() -> None:
     # Later stages (fine-tuning) need autograd on these weights: inference-mode tensors would refuse.
     model = tiny_llama_from_config()
     _, blocks = find_blocks(model)
-    prune_sequential(model, blocks, get_method("wanda"), 0.5, "unstructured", WINDOWS)
+    prune_sequential(model, blocks, Pruning(get_method("wanda"), 0.5), Feed(WINDOWS))
     assert not any(p.is_inference() for p in model.parameters())
     model(WINDOWS[:1]).logits.sum().backward()

@@ -20,7 +20,14 @@ from workers.pruning import multimodal
 from workers.pruning.methods import get_method
 from workers.pruning.models import find_towers, load_model, plan_towers, prunable_layers, tower_of
 from workers.pruning.pipeline import run
-from workers.pruning.sequential import ModelInputs, capture_block_inputs, prune_sequential, prune_towers
+from workers.pruning.sequential import (
+    Feed,
+    ModelInputs,
+    Pruning,
+    capture_block_inputs,
+    prune_sequential,
+    prune_towers,
+)
 from workers.pruning.spec import CalibrationSpec, EvaluationSpec, JobError, PruneSpec
 
 NO_PPL = EvaluationSpec(perplexity=False)
@@ -208,7 +215,7 @@ def test_layers_calibration_never_reaches_stay_dense_and_are_reported() -> None:
     model = _Stack()
     unused_before = [block.unused.weight.clone() for block in model.layers]
     inputs = ModelInputs({"inputs_embeds": torch.randn(4, 5, 8)})
-    unused = prune_sequential(model, model.layers, get_method("wanda"), 0.5, "unstructured", inputs, 2)
+    unused = prune_sequential(model, model.layers, Pruning(get_method("wanda"), 0.5), Feed(inputs, 2))
     assert unused == ["0.unused", "1.unused"]
     for block, before in zip(model.layers, unused_before, strict=True):
         assert torch.equal(block.unused.weight, before) and zeros_per_row_ok(block.used.weight, 0.5)
@@ -329,8 +336,8 @@ def test_api_refuses_restore_with_offload() -> None:
 
 def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
     from prunekit.core.config import Settings
+    from workers.job_spec import build_spec
     from workers.pruning.spec import RestoreSpec
-    from workers.runner import build_spec
 
     body = JobCreate.model_validate(job(restore={"steps": 20, "rank": 4, "targets": ["q_proj"], "warmup_steps": 0.1}))
     spec = build_spec(body.model_dump(mode="json"), tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
@@ -341,7 +348,7 @@ def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
 
 def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:
     from prunekit.core.config import Settings
-    from workers.runner import build_spec
+    from workers.job_spec import build_spec
 
     request = job(targets={"language": 0.5})
     spec = build_spec(request, tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
@@ -350,7 +357,7 @@ def test_runner_passes_targets_to_the_engine(tmp_path: Path) -> None:
 
 def test_runner_passes_offload_allocation_and_sweep_to_the_engine(tmp_path: Path) -> None:
     from prunekit.core.config import Settings
-    from workers.runner import build_spec
+    from workers.job_spec import build_spec
 
     body = JobCreate.model_validate(job(offload=True, allocation="owl", allocation_options={"spread": 0.05},
                                         sweep={"sparsities": [0.7, 0.5]}))

@@ -160,7 +160,7 @@ def test_llava_smollm2_joins_a_real_lm_and_digits_clip_vision(tiny_llama_dir: Pa
         assert (dest / name).is_file(), name
     loaded = load_model(dest)
     model, tokenizer = loaded.model, loaded.tokenizer
-    assert multimodal.family(model) == "llava" and [t.name for t in find_towers(model)] == ["vision", "language"]
+    assert multimodal.adapt(model).family == "llava" and [t.name for t in find_towers(model)] == ["vision", "language"]
     assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == model.config.image_token_id
     processor = AutoProcessor.from_pretrained(dest)
     prompt = processor(images=[Image.new("RGB", (8, 8))], text=[f"{IMAGE_TOKEN} a photo"], return_tensors="pt")

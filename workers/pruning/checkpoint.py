@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workers.pruning.models import Tower
-from workers.pruning.spec import PruneSpec
+from workers.pruning.spec import PruneSpec, spec_record
 
 log = logging.getLogger("prunekit.engine")
 
@@ -222,7 +222,7 @@ def fingerprint(spec: PruneSpec, device: torch.device, dtype: torch.dtype) -> di
     """
     import transformers
 
-    plain = json.loads(json.dumps(asdict(spec), default=str))
+    plain = json.loads(json.dumps(spec_record(spec), default=str))
     # Restoration runs after pruning and is not checkpointed: it does not decide the pruned weights (and its
     # dataset is a path of the attempt's own scratch folder).
     plain.pop("restore", None)

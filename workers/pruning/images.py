@@ -7,7 +7,9 @@ zero-shot evaluation only; training and calibration use the train split.
 An uploaded dataset is a .zip holding data.jsonl (one {"image": path inside the zip, "text": caption}
 object a line) and the PNG/JPEG images it names. It is read in memory, never extracted, and refused with a
 readable ValueError when it looks hostile: too many members, too many bytes, absurd compression ratios,
-absolute or parent-relative paths, symlinks, or images whose header claims too many pixels.
+absolute or parent-relative paths, symlinks, or images whose header claims too many pixels. The limits are
+the caller's (the worker passes the ones the API checked the upload with, from the same settings); the
+vocabulary's defaults otherwise.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path, PurePosixPath
 import torch
 import torch.nn.functional as F
 
+from prunekit.vocabulary import ARCHIVE_LIMITS, DIGITS, ArchiveLimits
 from workers.pruning.spec import JobError
 
-BUILTIN_DIGITS = "builtin:digits"
+BUILTIN_DIGITS = DIGITS
 DIGIT_TEMPLATE = "a photo of the digit {}"
 SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
@@ -53,18 +56,6 @@ class ImageTextSet:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-@dataclass(frozen=True)
-class ZipLimits:
-    max_members: int = 20_000
-    max_total_bytes: int = 1 << 30  # uncompressed, all members together
-    max_member_bytes: int = 64 << 20
-    max_ratio: float = 100.0  # uncompressed / compressed; PNG and JPEG barely compress, text ~10x
-    ratio_floor_bytes: int = 1 << 20  # a tiny member may compress absurdly well and harm no one
-    max_image_pixels: int = 4096 * 4096
-    max_total_pixels: int = 1 << 28  # ~800 MB of decoded RGB
-    max_text_chars: int = 10_000
 
 
 # ---- builtin:digits ----------------------------------------------------------------------------------
@@ -114,8 +105,9 @@ def is_image_text(dataset: str) -> bool:
     return dataset == BUILTIN_DIGITS or (not dataset.startswith("builtin:") and Path(dataset).suffix.lower() == ".zip")
 
 
-def load_image_text(dataset: str, split: str = "train") -> ImageTextSet:
-    """builtin:digits (either split), or an uploaded .zip (used whole: an upload has no held-out part)."""
+def load_image_text(dataset: str, split: str = "train", limits: ArchiveLimits = ARCHIVE_LIMITS) -> ImageTextSet:
+    """builtin:digits (either split), or an uploaded .zip (used whole: an upload has no held-out part) read within
+    `limits`."""
     if dataset == BUILTIN_DIGITS:
         return digits_split(split)
     if dataset.startswith("builtin:"):
@@ -125,7 +117,7 @@ def load_image_text(dataset: str, split: str = "train") -> ImageTextSet:
     if path.suffix.lower() != ".zip" or not path.is_file():
         raise JobError("dataset_error", f"Image-text dataset {path.name!r} is not an existing .zip file.")
     try:
-        return read_image_text_zip(path)
+        return read_image_text_zip(path, limits)
     except ValueError as exc:
         raise JobError("dataset_error", f"{path.name}: {exc}") from exc
 
@@ -175,7 +167,7 @@ def _resized(batch: torch.Tensor, size: int) -> torch.Tensor:
 # ---- uploaded .zip -----------------------------------------------------------------------------------
 
 
-def read_image_text_zip(path: Path, limits: ZipLimits = ZipLimits()) -> ImageTextSet:
+def read_image_text_zip(path: Path, limits: ArchiveLimits = ARCHIVE_LIMITS) -> ImageTextSet:
     """Images (uint8 RGB [3, H, W]) and captions from an uploaded .zip; ValueError when it is unsafe or bad."""
     try:
         archive = zipfile.ZipFile(path)
@@ -210,7 +202,7 @@ def read_image_text_zip(path: Path, limits: ZipLimits = ZipLimits()) -> ImageTex
     return ImageTextSet(images=images, texts=texts)
 
 
-def _checked_members(archive: zipfile.ZipFile, limits: ZipLimits) -> dict[str, zipfile.ZipInfo]:
+def _checked_members(archive: zipfile.ZipFile, limits: ArchiveLimits) -> dict[str, zipfile.ZipInfo]:
     """Every member vetted from the central directory before a single byte is decompressed."""
     infos = archive.infolist()
     if len(infos) > limits.max_members:
@@ -263,7 +255,7 @@ def _data_file(members: dict[str, zipfile.ZipInfo]) -> str:
     return candidates[0]
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ZipLimits) -> bytes:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ArchiveLimits) -> bytes:
     # Declared sizes may lie; read at most one byte past the limit so a liar cannot expand unbounded.
     try:
         with archive.open(info) as stream:
@@ -275,7 +267,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ZipLim
     return data
 
 
-def _record(line: str, number: int, limits: ZipLimits) -> tuple[str, str]:
+def _record(line: str, number: int, limits: ArchiveLimits) -> tuple[str, str]:
     where = f"{DATA_FILE} line {number}"
     try:
         record = json.loads(line)
@@ -293,7 +285,7 @@ def _record(line: str, number: int, limits: ZipLimits) -> tuple[str, str]:
     return image, text
 
 
-def _decode_image(data: bytes, name: str, limits: ZipLimits) -> torch.Tensor:
+def _decode_image(data: bytes, name: str, limits: ArchiveLimits) -> torch.Tensor:
     """uint8 RGB [3, H, W]; the pixel count is checked from the header, before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 

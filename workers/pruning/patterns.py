@@ -7,12 +7,14 @@ Every function returns a boolean mask shaped like the scores, True = keep. Ties 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-UNSTRUCTURED = "unstructured"
-_NM = re.compile(r"^(\d+):(\d+)$")
+# The rule of what a pattern is (and the sparsity an N:M one fixes) is the vocabulary's: the API checks requests
+# with the same one. Re-exported: the engine's modules and tests import it from here.
+from prunekit.vocabulary import UNSTRUCTURED, parse_pattern
+
+__all__ = ["UNSTRUCTURED", "nm_mask", "parse_pattern", "prune_count", "select_mask", "unstructured_mask"]
 
 
 def prune_count(sparsity: float, width: int) -> int:
@@ -45,17 +47,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.ones_like(groups, dtype=torch.bool)
     mask.scatter_(2, lowest, False)
     return mask.reshape(rows, width)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """None for "unstructured", (n, m) for "n:m"; ValueError for anything else."""
-    if pattern == UNSTRUCTURED:
-        return None
-    match = _NM.match(pattern)
-    if not match or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"unknown sparsity pattern {pattern!r}: "
-                         "expected 'unstructured' or 'N:M' with 0 < N < M")
-    return int(match[1]), int(match[2])
 
 
 def select_mask(scores: torch.Tensor, sparsity: float, pattern: str) -> torch.Tensor:

@@ -138,66 +138,109 @@ def _on(block: nn.Module, device: torch.device | None) -> Iterator[None]:
             block.to(home)
 
 
-def prune_sequential(model: nn.Module, blocks: nn.ModuleList, method: Method, sparsity: float, pattern: str,
-                     windows: torch.Tensor | ModelInputs | None, batch_size: int = 1,
-                     on_block: Callable[[int, int], None] | None = None,
-                     should_cancel: Callable[[], bool] = _never,
-                     device: torch.device | None = None, *, start: int = 0,
-                     start_hidden: torch.Tensor | None = None, unused: list[str] | None = None,
-                     after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None,
-                     layer_sparsity: Callable[[int, str], float] | None = None) -> list[str]:
-    """Prunes every layer of every block in place; windows may be None for methods without statistics.
+@dataclass(frozen=True)
+class Pruning:
+    """What happens to every layer: the method prunes it to its sparsity in the pattern."""
 
-    layer_sparsity(block index, layer name) overrides `sparsity` per layer (a non-uniform allocation).
+    method: Method
+    sparsity: float
+    pattern: str = "unstructured"
+    # (block index, layer name) -> that layer's own sparsity (a non-uniform allocation); None: `sparsity`
+    layer_sparsity: Callable[[int, str], float] | None = None
 
-    With `device` (offloading), each block visits the device for its statistics, pruning and propagation.
+    def ratio(self, index: int, name: str) -> float:
+        return self.sparsity if self.layer_sparsity is None else self.layer_sparsity(index, name)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """The calibration data driven through the blocks, and where the blocks run."""
+
+    windows: torch.Tensor | ModelInputs | None  # None for methods without statistics
+    batch_size: int = 1
+    # Offloading: the model stays where it is and each block visits this device for its work.
+    device: torch.device | None = None
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    on_block: Callable[[int, int], None] | None = None  # (blocks done, blocks in all)
+    should_cancel: Callable[[], bool] = _never
+    # (index, inputs of the next block or None, unused so far) after every block: what a checkpoint needs
+    after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None
+
+
+@dataclass(frozen=True)
+class StartAt:
+    """Where a resumed tower carries on: the blocks before `block` are pruned already."""
+
+    block: int = 0
+    hidden: torch.Tensor | None = None  # the inputs of `block`, when it is not the first
+    unused: tuple[str, ...] = ()  # what the finished blocks left dense, as "<block index>.<name>"
+
+
+def prune_sequential(model: nn.Module, blocks: nn.ModuleList, pruning: Pruning, feed: Feed,
+                     callbacks: Callbacks = Callbacks(), start: StartAt = StartAt()) -> list[str]:
+    """Prunes every layer of every block in place, block by block.
+
+    With feed.device (offloading), each block visits the device for its statistics, pruning and propagation.
     Returns the layers (as "<block index>.<name>") left dense because calibration never reached them,
     e.g. BLIP-2 Q-Former text-only sublayers, which image queries alone never run.
-
-    Resuming: blocks before `start` are already pruned, `start_hidden` holds the inputs of block `start` and
-    `unused` what the finished blocks left dense. after_block(index, inputs of the next block or None, unused)
-    follows every block, for checkpoints.
     """
-    unused = list(unused or [])
+    unused = list(start.unused)
     with torch.inference_mode():
-        hidden: torch.Tensor | None = None
-        batch_args: list[BlockArgs] = []
-        if method.new_stats is not None:
-            if windows is None:
-                raise ValueError(f"{method.name} needs calibration windows")
-            # The other arguments are made before the tower's first block runs, from modules that are never
-            # pruned and from earlier towers, which a resumed run has restored bit for bit: capturing them
-            # again gives exactly what the interrupted run used. The hidden states entering block `start`
-            # went through pruned blocks of this tower and cannot be captured again: they come saved.
-            hidden, batch_args = capture_block_inputs(model, blocks[0], windows, batch_size, device,
-                                                      keep_hidden=start == 0)
-            if start > 0:
-                if start_hidden is None:
-                    raise ValueError(f"resuming at block {start} needs the hidden states entering it")
-                hidden = start_hidden.to(device or next(model.parameters()).device)
-        for index in range(start, len(blocks)):
-            block = blocks[index]
-            if should_cancel():
+        hidden, batch_args = _block_inputs(model, blocks, pruning.method, feed, start)
+        for index in range(start.block, len(blocks)):
+            if callbacks.should_cancel():
                 raise JobCancelled(f"cancelled before block {index}")
-            with _on(block, device):
-                linears = block_linears(block)
-                stats = ({} if hidden is None
-                         else gather_stats(block, linears, method, hidden, batch_args, batch_size))
-                for name, layer in linears.items():
-                    if hidden is not None and name not in stats:
-                        unused.append(f"{index}.{name}")
-                        continue
-                    # copy_ keeps the Parameter an ordinary tensor: one made in inference mode would not be
-                    weight = weight_matrix(layer)
-                    ratio = sparsity if layer_sparsity is None else layer_sparsity(index, name)
-                    if ratio > 0.0:
-                        weight.copy_(method.prune(weight, stats.get(name), ratio, pattern))
-                if hidden is not None and index + 1 < len(blocks):
-                    run_block(block, hidden, batch_args, batch_size, write_back=True)
-            if after_block is not None:
-                after_block(index, hidden if index + 1 < len(blocks) else None, unused)
-            if on_block is not None:
-                on_block(index + 1, len(blocks))
+            last = index + 1 == len(blocks)
+            with _on(blocks[index], feed.device):
+                unused += _prune_block(blocks[index], index, pruning, hidden, batch_args, feed.batch_size)
+                if hidden is not None and not last:
+                    run_block(blocks[index], hidden, batch_args, feed.batch_size, write_back=True)
+            if callbacks.after_block is not None:
+                callbacks.after_block(index, None if last else hidden, unused)
+            if callbacks.on_block is not None:
+                callbacks.on_block(index + 1, len(blocks))
+    return unused
+
+
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, method: Method, feed: Feed,
+                  start: StartAt) -> tuple[torch.Tensor | None, list[BlockArgs]]:
+    """The hidden states entering block start.block and every batch's other arguments; none for a method
+    without statistics, which runs no forward pass at all."""
+    if method.new_stats is None:
+        return None, []
+    if feed.windows is None:
+        raise ValueError(f"{method.name} needs calibration windows")
+    # The other arguments are made before the tower's first block runs, from modules that are never pruned
+    # and from earlier towers, which a resumed run has restored bit for bit: capturing them again gives
+    # exactly what the interrupted run used. The hidden states entering block `start` went through pruned
+    # blocks of this tower and cannot be captured again: they come saved.
+    hidden, batch_args = capture_block_inputs(model, blocks[0], feed.windows, feed.batch_size, feed.device,
+                                              keep_hidden=start.block == 0)
+    if start.block > 0:
+        if start.hidden is None:
+            raise ValueError(f"resuming at block {start.block} needs the hidden states entering it")
+        hidden = start.hidden.to(feed.device or next(model.parameters()).device)
+    return hidden, batch_args
+
+
+def _prune_block(block: nn.Module, index: int, pruning: Pruning, hidden: torch.Tensor | None,
+                 batch_args: list[BlockArgs], batch_size: int) -> list[str]:
+    """Prunes one block's layers from statistics gathered on its inputs; returns those no input reached."""
+    linears = block_linears(block)
+    stats = {} if hidden is None else gather_stats(block, linears, pruning.method, hidden, batch_args, batch_size)
+    unused: list[str] = []
+    for name, layer in linears.items():
+        if hidden is not None and name not in stats:
+            unused.append(f"{index}.{name}")
+            continue
+        # copy_ keeps the Parameter an ordinary tensor: one made in inference mode would not be
+        weight = weight_matrix(layer)
+        ratio = pruning.ratio(index, name)
+        if ratio > 0.0:
+            weight.copy_(pruning.method.prune(weight, stats.get(name), ratio, pruning.pattern))
     return unused
 
 
@@ -244,10 +287,10 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
             return sparsity if layer_sparsity is None else layer_sparsity.get(f"{prefix}{index}.{name}", sparsity)
 
         if start < len(tower.blocks):  # a tower finished before the interruption is only restored
-            mine = prune_sequential(model, tower.blocks, method, sparsity, pattern, inputs, batch_size, block_done,
-                                    should_cancel, device, start=start, unused=mine, after_block=report,
-                                    start_hidden=resume.hidden if resume is not None and start > 0 else None,
-                                    layer_sparsity=ratio_of)
+            mine = prune_sequential(model, tower.blocks, Pruning(method, sparsity, pattern, ratio_of),
+                                    Feed(inputs, batch_size, device), Callbacks(block_done, should_cancel, report),
+                                    StartAt(start, resume.hidden if resume is not None and start > 0 else None,
+                                            tuple(mine)))
         unused = before + [f"{prefix}{name}" for name in mine]
         first += len(tower.blocks)
     return unused

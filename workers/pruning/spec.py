@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "restoring", "evaluation_pruned",
-          "saving")
+# The names and defaults are the vocabulary's (the API validates against the same); re-exported for the engine.
+from prunekit.vocabulary import (
+    ALLOCATION,
+    ALLOCATIONS,
+    ARCHIVE_LIMITS,
+    CALIBRATION,
+    EVALUATION,
+    GRANULARITIES,
+    OFFLOAD,
+    PATTERN,
+    RESTORE,
+    RESTORE_METHODS,
+    STAGES,
+    ArchiveLimits,
+)
 
+__all__ = ["ALLOCATIONS", "DEFAULT_CALIBRATION_DATASET", "GRANULARITIES", "RESTORE_METHODS", "STAGES",
+           "AllocationSpec", "ArchiveLimits", "CalibrationSpec", "EvaluationSpec", "JobCancelled", "JobError",
+           "Progress", "PruneSpec", "RestoreSpec", "Result"]
 
-DEFAULT_CALIBRATION_DATASET = "builtin:wiki-en"
+DEFAULT_CALIBRATION_DATASET = CALIBRATION.dataset
 
 
 @dataclass(frozen=True)
@@ -18,41 +34,37 @@ class CalibrationSpec:
     # builtin:wiki-en | builtin:digits (image-text) | a local .txt / .jsonl (field "text") / image-text .zip path.
     # A CLIP model left at the default calibrates on builtin:digits instead (multimodal.calibration_dataset).
     dataset: str = DEFAULT_CALIBRATION_DATASET
-    num_samples: int = 64
-    seq_len: int = 512
-    seed: int = 0
+    num_samples: int = CALIBRATION.num_samples
+    seq_len: int = CALIBRATION.seq_len
+    seed: int = CALIBRATION.seed
+    # What an uploaded image-text archive may hold: the worker passes the limits the API checked it with.
+    archive_limits: ArchiveLimits = ARCHIVE_LIMITS
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    perplexity: bool = True  # causal LMs, LLaVA and BLIP-2 (their language model, on text alone)
+    perplexity: bool = EVALUATION.perplexity  # causal LMs, LLaVA and BLIP-2 (their language model, on text alone)
     # CLIP-style models: zero-shot accuracy on the held-out split of builtin:digits (its ten digit prompts).
     # A flag of its own rather than reusing `perplexity`: a job may want one measurement without the other.
-    accuracy: bool = True
-    num_samples: int = 64  # evaluation windows
-    seq_len: int = 512
-
-
-ALLOCATIONS = ("uniform", "ecoflap-zeroth", "ecoflap-first", "owl")
-GRANULARITIES = ("block", "layer")
+    accuracy: bool = EVALUATION.accuracy
+    num_samples: int = EVALUATION.num_samples  # evaluation windows
+    seq_len: int = EVALUATION.seq_len
 
 
 @dataclass(frozen=True)
 class AllocationSpec:
     """How sparse each block (or layer) is; `uniform` gives every layer the job's sparsity."""
 
-    name: str = "uniform"  # one of ALLOCATIONS
-    granularity: str = "block"  # one sparsity per block, or per layer
+    name: str = ALLOCATION.name  # one of ALLOCATIONS
+    granularity: str = ALLOCATION.granularity  # one of GRANULARITIES: one sparsity per block, or per layer
     # ECoFLaP: no group is pruned beyond this; None means the target + 0.1 (capped below 1).
-    max_sparsity: float | None = None
-    num_samples: int = 8  # calibration samples the scores are estimated on (the first ones)
-    seq_len: int | None = None  # tokens per scoring sample; None: the calibration's
-    eps: float = 1e-3  # ecoflap-zeroth: the perturbation's size
-    outlier_multiple: float = 5.0  # owl: M, a weight is an outlier above M times its group's mean score
-    spread: float = 0.08  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
-
-
-RESTORE_METHODS = ("sparse-lora", "lora")
+    max_sparsity: float | None = ALLOCATION.max_sparsity
+    num_samples: int = ALLOCATION.num_samples  # calibration samples the scores are estimated on (the first ones)
+    seq_len: int | None = ALLOCATION.seq_len  # tokens per scoring sample; None: the calibration's
+    eps: float = ALLOCATION.eps  # ecoflap-zeroth: the perturbation's size
+    # owl: M, a weight is an outlier above M times its group's mean score
+    outlier_multiple: float = ALLOCATION.outlier_multiple
+    spread: float = ALLOCATION.spread  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
 
 
 @dataclass(frozen=True)
@@ -60,16 +72,19 @@ class RestoreSpec:
     """LoRA fine-tuning after pruning. "sparse-lora" trains and merges (W + s*B*A) masked by the pruned mask, so
     the merged model keeps exactly the pruned zeros; "lora" is plain LoRA, for comparison (it fills them in)."""
 
-    method: str = "sparse-lora"  # one of RESTORE_METHODS
-    steps: int = 200
-    rank: int = 8
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    lr: float = 1e-4
-    distill: float = 0.1  # lambda: loss = (1 - lambda) * task loss + lambda * KL(dense teacher || student)
-    batch_size: int = 4
-    warmup_steps: float = 10  # linear warm-up: a number of steps, or a fraction of `steps` when in (0, 1)
+    method: str = RESTORE.method  # one of RESTORE_METHODS
+    steps: int = RESTORE.steps
+    rank: int = RESTORE.rank
+    alpha: float = RESTORE.alpha  # the update is scaled by alpha / rank
+    lr: float = RESTORE.lr
+    distill: float = RESTORE.distill  # lambda: loss = (1 - lambda) * task loss + lambda * KL(dense teacher || student)
+    batch_size: int = RESTORE.batch_size
+    # Linear warm-up: a number of steps, or a fraction of `steps` when in (0, 1).
+    warmup_steps: float = RESTORE.warmup_steps
     dataset: str | None = None  # None: the calibration dataset (as the job resolved it)
     targets: tuple[str, ...] | None = None  # layer-name suffixes ("q_proj", "mlp.fc1"); None: every pruned layer
+    # What an uploaded image-text archive may hold (as for calibration).
+    archive_limits: ArchiveLimits = ARCHIVE_LIMITS
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class PruneSpec:
     model_dir: Path  # HF layout (config.json + *.safetensors + tokenizer) or a folder with exactly one .gguf
     method: str  # "magnitude" | "wanda" | "sparsegpt"
     sparsity: float  # in (0, 1)
-    pattern: str = "unstructured"
+    pattern: str = PATTERN
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     device: str = "cpu"  # "cpu" | "cuda" | "auto"
@@ -85,13 +100,24 @@ class PruneSpec:
     # for every tower of DEFAULT_TOWERS the model has (vision and language; the Q-Former only when named).
     targets: dict[str, float] | None = None
     # Keep the model on the CPU and move one block at a time to `device` (models larger than the device).
-    offload: bool = False
+    offload: bool = OFFLOAD
     allocation: AllocationSpec = field(default_factory=AllocationSpec)
     # A sweep: these sparsities from one calibration and scoring pass, one pruned model each (`sparsity` is
     # then ignored; `targets` must be None). Empty for an ordinary job.
     sweep: tuple[float, ...] = ()
     # Fine-tuning after pruning (every sparsity of a sweep is restored); None: the pruned model is saved as is.
     restore: RestoreSpec | None = None
+
+
+def spec_record(spec: PruneSpec) -> dict[str, Any]:
+    """The spec as plain data for the report and the checkpoint fingerprint: what the job asked for. The archive
+    limits are the server's, not the job's; they decide no weight, and a change of them must not orphan a
+    checkpoint."""
+    record = asdict(spec)
+    for part in ("calibration", "restore"):
+        if isinstance(record.get(part), dict):
+            record[part].pop("archive_limits", None)
+    return record
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ from sqlalchemy.orm import Session
 
 from prunekit.core.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
 from prunekit.core.ids import new_id
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from prunekit.vocabulary import ENDED, JobStatus
 
 
 class IdempotencyConflict(Exception):
@@ -40,7 +39,7 @@ def create_job(session: Session, tenant_id: str, request: dict[str, Any], metada
             return _replay(existing, digest), False
     # enqueued_at is set before the send: if the send fails, the reconciler re-sends once it is stale.
     now = utcnow()
-    job = Job(id=new_id("job"), tenant_id=tenant_id, status="queued", request=request, metadata_=metadata,
+    job = Job(id=new_id("job"), tenant_id=tenant_id, status=JobStatus.QUEUED, request=request, metadata_=metadata,
               idempotency_key=idempotency_key, request_hash=digest, attempts=0, created_at=now, enqueued_at=now)
     session.add(job)
     try:
@@ -52,7 +51,7 @@ def create_job(session: Session, tenant_id: str, request: dict[str, Any], metada
         if existing is None:
             raise
         return _replay(existing, digest), False
-    add_event(session, job.id, "Job queued.", data={"status": "queued"})
+    add_event(session, job.id, "Job queued.", data={"status": JobStatus.QUEUED})
     return job, True
 
 
@@ -101,20 +100,21 @@ def list_jobs(session: Session, tenant_id: str, limit: int, after: str | None,
 def cancel_job(session: Session, job: Job) -> Job:
     """Compare-and-set on the status: a worker claiming the job at the same moment either wins (and the
     job winds down as cancel_requested) or finds it cancelled; an ended job is never reopened."""
-    for status, new_status in (("queued", "cancelled"), ("running", "cancel_requested")):
+    for status, new_status in ((JobStatus.QUEUED, JobStatus.CANCELLED),
+                               (JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED)):
         values: dict[str, Any] = {"status": new_status}
-        if new_status == "cancelled":
+        if new_status == JobStatus.CANCELLED:
             values["finished_at"] = utcnow()
         changed = session.execute(update(Job).where(Job.id == job.id, Job.status == status).values(**values)
                                   .execution_options(synchronize_session=False)).rowcount
         if changed:
             session.refresh(job)
-            message = ("Job cancelled before it started." if new_status == "cancelled"
+            message = ("Job cancelled before it started." if new_status == JobStatus.CANCELLED
                        else "Cancellation requested; the job stops after the current block.")
             add_event(session, job.id, message, data={"status": new_status})
             return job
     session.refresh(job)
-    if job.status in TERMINAL:
+    if job.status in ENDED:
         raise StateConflict(f"job {job.id} has already ended ({job.status})")
     return job  # already cancel_requested: asking again changes nothing
 
@@ -143,18 +143,6 @@ def get_artifact(session: Session, tenant_id: str, artifact_id: str) -> Artifact
     return session.scalar(select(Artifact).where(Artifact.id == artifact_id, Artifact.tenant_id == tenant_id))
 
 
-def webhook_secret(session: Session, tenant_id: str, rotate: bool = False) -> str:
-    """The tenant's signing secret, made on first use; rotating invalidates the old one at once."""
-    from prunekit.core.webhooks import new_secret
-
-    tenant = session.get(Tenant, tenant_id)
-    assert tenant is not None
-    if tenant.webhook_secret is None or rotate:
-        tenant.webhook_secret = new_secret()
-        session.flush()
-    return tenant.webhook_secret
-
-
 def add_dataset(session: Session, dataset: Dataset) -> Dataset:
     session.add(dataset)
     session.flush()
@@ -175,14 +163,14 @@ def list_datasets(session: Session, tenant_id: str, limit: int, after: str | Non
 
 def active_jobs_using_dataset(session: Session, tenant_id: str, dataset_id: str) -> list[str]:
     """Jobs that have not ended and calibrate (or restore) on the dataset: deleting it would make them fail."""
-    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL)))
+    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(ENDED)))
     return [job.id for job in jobs if dataset_id in ((job.request.get("calibration") or {}).get("dataset"),
                                                      (job.request.get("restore") or {}).get("dataset"))]
 
 
 # --- Leases: the database decides which worker runs a job -------------------------------------------------
 
-ACTIVE = ("running", "cancel_requested")  # a worker holds (or held) the job's lease
+ACTIVE = (JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED)  # a worker holds (or held) the job's lease
 ClaimOutcome = Literal["claimed", "capped", "skipped", "missing"]
 
 
@@ -213,15 +201,16 @@ def claim_job(session: Session, job_id: str, owner: str, lease_s: float, max_run
     running_others = select(func.count()).select_from(other).scalar_subquery()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, or_(Job.status == "queued", and_(Job.status == "running", expired)),
+        .where(Job.id == job_id, or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, expired)),
                running_others < max_running)
-        .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
+        .values(status=JobStatus.RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
                 heartbeat_at=now, started_at=func.coalesce(Job.started_at, _ts(now)), attempts=Job.attempts + 1)
         .execution_options(synchronize_session=False))
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return "claimed"
     row = session.execute(select(Job.status, Job.lease_expires_at).where(Job.id == job_id)).one()
-    waiting = row.status == "queued" or (row.status == "running" and _expired(row.lease_expires_at, now))
+    waiting = row.status == JobStatus.QUEUED or (row.status == JobStatus.RUNNING
+                                                 and _expired(row.lease_expires_at, now))
     return "capped" if waiting else "skipped"
 
 
@@ -240,9 +229,9 @@ def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None)
     """A cancellation requested of a worker that then died: nobody is left to wind it down, so end it here."""
     now = now or utcnow()
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "cancel_requested",
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.CANCEL_REQUESTED,
                           or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
-        .values(status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None)
+        .values(status=JobStatus.CANCELLED, finished_at=now, lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
@@ -250,7 +239,7 @@ def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None)
     # removes the files once this commits).
     session.execute(delete(Artifact).where(Artifact.job_id == job_id))
     add_event(session, job_id, "Job cancelled (its worker stopped before winding it down).",
-              data={"status": "cancelled"})
+              data={"status": JobStatus.CANCELLED})
     return True
 
 
@@ -267,7 +256,7 @@ class Unsent:
 def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> list[Unsent]:
     """Queued jobs last sent before `queued_before`, and running or cancelling jobs whose lease expired."""
     queued = select(Job.id, Job.status, Job.created_at, Job.enqueued_at).where(
-        Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < queued_before))
+        Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < queued_before))
     expired = select(Job.id, Job.status, func.coalesce(Job.lease_expires_at, Job.created_at), Job.enqueued_at).where(
         Job.status.in_(ACTIVE), or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
     rows = [*session.execute(queued.order_by(Job.id)), *session.execute(expired.order_by(Job.id))]

@@ -40,13 +40,15 @@ def _ignore(_done: int, _total: int) -> None:
 # --- the loss --------------------------------------------------------------------------------------------
 
 
-def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def model_loss(model: multimodal.AnyModel, batch: dict[str, Any]) -> torch.Tensor:
     """The model's own training loss on one calibration batch, in fp32.
 
     Causal LMs, LLaVA and BLIP-2: next-token cross-entropy over the text (image placeholders and padding are
     not predicted). CLIP: its contrastive loss, which needs at least two image-text pairs per batch.
     """
-    if multimodal.family(model) == multimodal.CLIP:
+    adapter = multimodal.adapt(model)
+    model = adapter.model
+    if adapter.family == multimodal.CLIP:
         return model(**batch, return_loss=True).loss.float()
     logits = model(**batch).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
@@ -60,9 +62,9 @@ def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
                                        ignore_index=-100)
 
 
-def scoring_batch_size(model: nn.Module) -> int:
+def scoring_batch_size(model: multimodal.AnyModel) -> int:
     # A contrastive loss over one pair is always zero: CLIP scores on batches of pairs.
-    return 8 if multimodal.family(model) == multimodal.CLIP else 1
+    return 8 if multimodal.adapt(model).family == multimodal.CLIP else 1
 
 
 # --- zeroth order ----------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ class _Perturbation:
         self.weight.copy_(self.saved)
 
 
-def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, eps: float = 1e-3,
+def zeroth_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inputs: ModelInputs, eps: float = 1e-3,
                         seed: int = 0, fast: bool = True, batch_size: int | None = None,
                         should_cancel: Callable[[], bool] = _never,
                         on_layer: Callable[[int, int], None] = _ignore,
@@ -99,7 +101,9 @@ def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: Model
     """sum_b |(L_b(W + eps z) - L_b(W - eps z)) / (2 eps)| for every prunable layer of the towers, by full name.
 
     `layers` limits the scoring to those full names (a benchmark's sample of the layers); None scores all."""
-    batch_size = batch_size or scoring_batch_size(model)
+    adapter = multimodal.adapt(model)
+    model = adapter.model
+    batch_size = batch_size or scoring_batch_size(adapter)
     device = next(model.parameters()).device
     batches = list(inputs.batches(batch_size, device))
     total = (len(layers) if layers is not None
@@ -130,9 +134,9 @@ def zeroth_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: Model
                                     assert hidden is not None
                                     rows = hidden[number * batch_size:(number + 1) * batch_size]
                                     with _from_block(tower.blocks, index, rows, returns_tuple):
-                                        losses.append(float(model_loss(model, batch)))
+                                        losses.append(float(model_loss(adapter, batch)))
                                 else:
-                                    losses.append(float(model_loss(model, batch)))
+                                    losses.append(float(model_loss(adapter, batch)))
                             finally:
                                 perturbation.restore()
                         total_abs += abs((losses[0] - losses[1]) / (2.0 * eps))
@@ -177,11 +181,14 @@ def _returns_tuple(block: nn.Module, hidden: torch.Tensor, block_args: list[Any]
 # --- first order -----------------------------------------------------------------------------------------
 
 
-def first_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, batch_size: int | None = None,
+def first_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inputs: ModelInputs,
+                       batch_size: int | None = None,
                        should_cancel: Callable[[], bool] = _never,
                        on_batch: Callable[[int, int], None] = _ignore) -> dict[str, float]:
     """sum_b sum_ij |W_ij * dL_b/dW_ij| for every prunable layer: one backward pass per batch."""
-    batch_size = batch_size or scoring_batch_size(model)
+    adapter = multimodal.adapt(model)
+    model = adapter.model
+    batch_size = batch_size or scoring_batch_size(adapter)
     device = next(model.parameters()).device
     layers = {f"{tower.prefix}.{index}.{name}": layer for tower in towers
               for index, block in enumerate(tower.blocks) for name, layer in block_linears(block).items()}
@@ -198,7 +205,7 @@ def first_order_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelI
             for number, batch in enumerate(batches):
                 if should_cancel():
                     raise JobCancelled("cancelled while scoring")
-                model_loss(model, batch).backward()
+                model_loss(adapter, batch).backward()
                 with torch.no_grad():
                     for name, layer in layers.items():
                         grad = layer.weight.grad

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.pruning.multimodal import AnyModel, adapt
 from workers.pruning.restore.batches import check_fits, training_data
 from workers.pruning.restore.lora import dense_copies
 from workers.pruning.restore.train import train
@@ -45,7 +46,7 @@ def check(spec: RestoreSpec, offload: bool) -> None:
                "offloading is for models too large to hold.")
 
 
-def check_model(model: nn.Module, tokenizer: Any, spec: RestoreSpec, calibration: CalibrationSpec,
+def check_model(model: AnyModel, tokenizer: Any, spec: RestoreSpec, calibration: CalibrationSpec,
                 layer_names: Sequence[str]) -> None:
     """Whether the loaded model can be restored as asked (its family, the dataset, the batch size, the targets
     among the layers to prune): checked before pruning, so that a job that cannot be restored fails early."""
@@ -68,7 +69,7 @@ def select_layers(pruned: Sequence[str], targets: Sequence[str] | None) -> set[s
     return chosen
 
 
-def restore_pruned(model: nn.Module, tokenizer: Any, layers: Mapping[str, nn.Module], spec: RestoreSpec,
+def restore_pruned(model: AnyModel, tokenizer: Any, layers: Mapping[str, nn.Module], spec: RestoreSpec,
                    calibration: CalibrationSpec, dense: Mapping[str, torch.Tensor] | None,
                    on_progress: Callable[[Progress], None], should_cancel: Callable[[], bool],
                    label: str = "") -> dict[str, Any]:
@@ -78,14 +79,15 @@ def restore_pruned(model: nn.Module, tokenizer: Any, layers: Mapping[str, nn.Mod
     calibration's seq_len; `dense` is the teacher (the layers' weights before pruning). Returns the facts for
     metrics["restore"].
     """
+    adapter = adapt(model)
     dataset = spec.dataset or calibration.dataset
     seed = calibration.seed + SEED_OFFSET
-    data = training_data(model, tokenizer, dataset, spec.batch_size, calibration.seq_len, seed)
+    data = training_data(adapter, tokenizer, dataset, spec.batch_size, calibration.seq_len, seed, spec.archive_limits)
     adapted = select_layers(list(layers), spec.targets)
 
     def step_done(step: int, loss: float) -> None:
         on_progress(Progress("restoring", step, spec.steps,
                              f"Restoration step {step} of {spec.steps}{label}: loss {loss:.4f}."))
 
-    facts = train(model, layers, adapted, spec, data, seed, dense, step_done, should_cancel)
+    facts = train(adapter.model, layers, adapted, spec, data, seed, dense, step_done, should_cancel)
     return {**facts, "data": data.info}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.vocabulary import ARCHIVE_LIMITS, ArchiveLimits
 from workers.pruning import data, images, multimodal
 from workers.pruning.restore.losses import IGNORE_INDEX
 from workers.pruning.spec import JobError
@@ -44,10 +45,10 @@ class TrainingData:
     info: dict[str, Any] = field(default_factory=dict)  # for the report: dataset, kind, ...
 
 
-def check_fits(model: nn.Module, tokenizer: Any, dataset: str, batch_size: int) -> None:
+def check_fits(model: multimodal.AnyModel, tokenizer: Any, dataset: str, batch_size: int) -> None:
     """Whether this model can be trained on `dataset` in batches of batch_size: checked right after loading,
     so that a job that cannot be restored fails before pruning rather than after."""
-    kind = multimodal.family(model)
+    kind = multimodal.adapt(model).family
     image_text = images.is_image_text(dataset)
     name = _name(dataset)
     if tokenizer is None:
@@ -64,69 +65,71 @@ def check_fits(model: nn.Module, tokenizer: Any, dataset: str, batch_size: int) 
                                        "image-text pairs per batch; set restore.batch_size to 2 or more.")
 
 
-def training_data(model: nn.Module, tokenizer: Any, dataset: str, batch_size: int, seq_len: int,
-                  seed: int) -> TrainingData:
+def training_data(model: multimodal.AnyModel, tokenizer: Any, dataset: str, batch_size: int, seq_len: int,
+                  seed: int, archive_limits: ArchiveLimits = ARCHIVE_LIMITS) -> TrainingData:
     """The batches a model of this family trains on from `dataset` (builtin:... or a local file path)."""
-    check_fits(model, tokenizer, dataset, batch_size)
+    adapter = multimodal.adapt(model)
+    check_fits(adapter, tokenizer, dataset, batch_size)
     image_text = images.is_image_text(dataset)
     info: dict[str, Any] = {"dataset": _name(dataset), "kind": "image-text" if image_text else "text"}
     if image_text:
-        return _image_text(model, tokenizer, dataset, batch_size, seq_len, seed, info)
-    return _text(model, tokenizer, dataset, batch_size, seq_len, seed, info)
+        return _image_text(adapter, tokenizer, dataset, batch_size, seq_len, seed, info, archive_limits)
+    return _text(adapter, tokenizer, dataset, batch_size, seq_len, seed, info)
 
 
-def _text(model: nn.Module, tokenizer: Any, dataset: str, batch_size: int, seq_len: int, seed: int,
+def _text(adapter: multimodal.ModelAdapter, tokenizer: Any, dataset: str, batch_size: int, seq_len: int, seed: int,
           info: dict[str, Any]) -> TrainingData:
     tokens = data.token_stream(dataset, tokenizer)  # cached: usually tokenized already for calibration
     # Fails now, with the dataset's own message, rather than at the first step.
     data.calibration_windows(tokens, 1, seq_len, seed)
-    lm = multimodal.perplexity_model(model)
+    lm = multimodal.perplexity_model(adapter)
     assert lm is not None  # CLIP never gets here
 
     def batch(step: int) -> Batch:
         # Calibration's windows: seeded starts in the stream's second half, away from the evaluation windows.
-        ids = multimodal.without_image_tokens(model, data.calibration_windows(tokens, batch_size, seq_len,
-                                                                              seed + step))
+        ids = multimodal.without_image_tokens(adapter, data.calibration_windows(tokens, batch_size, seq_len,
+                                                                                seed + step))
         return Batch({"input_ids": ids, "use_cache": False}, labels=ids)
 
-    if lm is not model:
+    if lm is not adapter.model:
         info["trained_through"] = "the language model alone (a text dataset has no images)"
-    elif multimodal.family(model) == multimodal.LLAVA:
+    elif adapter.family == multimodal.LLAVA:
         info["trained_through"] = "text alone (a text dataset has no images): the vision tower's adapters stay zero"
     info.update({"seq_len": seq_len, "num_tokens": tokens.numel()})
     return TrainingData(CAUSAL_LM, lm, batch, info)
 
 
-def _image_text(model: nn.Module, tokenizer: Any, dataset: str, batch_size: int, seq_len: int, seed: int,
-                info: dict[str, Any]) -> TrainingData:
-    records = images.load_image_text(dataset, "train")
-    contrastive = multimodal.family(model) == multimodal.CLIP
+def _image_text(adapter: multimodal.ModelAdapter, tokenizer: Any, dataset: str, batch_size: int, seq_len: int,
+                seed: int, info: dict[str, Any], archive_limits: ArchiveLimits) -> TrainingData:
+    records = images.load_image_text(dataset, "train", archive_limits)
+    contrastive = adapter.family == multimodal.CLIP
     if contrastive and len(set(records.texts)) < 2:
         raise JobError("dataset_error", f"{info['dataset']} has fewer than two distinct captions; a contrastive "
                                         "batch needs at least two.")
-    text_len = multimodal.text_length(model, seq_len)
-    size = multimodal.image_size(model)
+    text_len = multimodal.text_length(adapter, seq_len)
+    size = multimodal.image_size(adapter)
 
     def batch(step: int) -> Batch:
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + step)).tolist()
         chosen = _distinct_captions(order, records.texts, batch_size) if contrastive else order[:batch_size]
         picked: Any = (records.images[chosen] if isinstance(records.images, torch.Tensor)
                        else [records.images[index] for index in chosen])
-        text, mask = multimodal.caption_ids(model, tokenizer, [records.texts[index] for index in chosen], text_len)
-        inputs = multimodal.calibration_inputs(model, text, images.pixel_values(picked, size), mask)
+        text, mask = multimodal.caption_ids(adapter, tokenizer, [records.texts[index] for index in chosen],
+                                            text_len)
+        inputs = multimodal.calibration_inputs(adapter, text, images.pixel_values(picked, size), mask)
         tensors = dict(inputs.tensors)
         if contrastive:
             return Batch(tensors)
         # LLaVA, BLIP-2: placeholders and padding predict nothing; the caption's tokens are the targets.
         ids = tensors["input_ids"]
-        labels = ids.masked_fill((tensors["attention_mask"] == 0) | (ids == model.config.image_token_id),
+        labels = ids.masked_fill((tensors["attention_mask"] == 0) | (ids == adapter.model.config.image_token_id),
                                  IGNORE_INDEX)
         return Batch({**tensors, **inputs.options}, labels=labels)
 
     info["num_records"] = len(records)
     if contrastive:
         info["batch_pairs"] = min(batch_size, len(set(records.texts)))
-    return TrainingData(CONTRASTIVE if contrastive else CAUSAL_LM, model, batch, info)
+    return TrainingData(CONTRASTIVE if contrastive else CAUSAL_LM, adapter.model, batch, info)
 
 
 def _name(dataset: str) -> str:

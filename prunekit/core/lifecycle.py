@@ -1,0 +1,182 @@
+"""A job's life in one place: every change of its status, and what goes with it (its events, its artifact rows, its
+files in the store, its webhook).
+
+    queued -> running            claim (a worker took it; again after its lease expired)
+    running -> succeeded|failed  finish (the worker that holds the lease)
+    queued -> cancelled          cancel (the API; nobody ran it yet)
+    running -> cancel_requested  cancel (the API; the worker winds it down) -> cancelled: finish
+    cancel_requested -> cancelled  cancel_abandoned (the reconciler; its worker died)
+
+The functions write in the caller's transaction (a worker's is the one that proves its lease); what may only happen
+once that transaction committed (removing files, sending the webhook) is the caller's next step: announce() an
+Ended. The atomic compare-and-sets themselves are SQL statements in prunekit/core/db/queries.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from prunekit.core import layout
+from prunekit.core.db import queries
+from prunekit.core.db.models import Artifact, Job, utcnow
+from prunekit.core.ids import new_id
+from prunekit.core.storage import ArtifactStore
+from prunekit.vocabulary import JobStatus
+
+log = logging.getLogger("prunekit.lifecycle")
+
+
+class Outbox(Protocol):
+    """Sends messages to the workers (prunekit/queue.py's QueueOutbox); the core never imports the queue itself."""
+
+    def enqueue_job(self, job_id: str, sent_at: datetime | None = None, countdown: float | None = None) -> None: ...
+
+    def enqueue_webhook(self, job_id: str, status: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a worker now holds, with what it needs to run it."""
+
+    job_id: str
+    owner: str
+    attempt: int
+    tenant_id: str
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A job that has just ended; announce() it once the transaction that ended it committed."""
+
+    job_id: str
+    tenant_id: str
+    status: JobStatus
+    webhook: bool  # it asked for one
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a job's result, already in the artifact store."""
+
+    name: str
+    key: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+
+
+def claim(session: Session, job_id: str, owner: str, lease_s: float,
+          max_running: int) -> Claimed | queries.ClaimOutcome:
+    """queued (or running with an expired lease) -> running for `owner`; otherwise why not."""
+    outcome = queries.claim_job(session, job_id, owner, lease_s, max_running)
+    if outcome != "claimed":
+        return outcome
+    job = session.get(Job, job_id)
+    assert job is not None
+    note = " (again, after an interrupted attempt)" if job.attempts > 1 else ""
+    queries.add_event(session, job_id, f"Job started on worker {owner}{note}.",
+                      data={"status": JobStatus.RUNNING, "worker": owner, "attempt": job.attempts})
+    return Claimed(job_id, owner, job.attempts, job.tenant_id, dict(job.request))
+
+
+def record_progress(session: Session, job_id: str, stage: str, done: int, total: int, message: str = "") -> None:
+    fraction = round(done / total, 4) if total else 0.0
+    data = {"stage": stage, "done": done, "total": total, "fraction": fraction}
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.progress = data
+    queries.add_event(session, job_id, message or f"{stage}: {done}/{total}", type="progress", data=data)
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    """Whether the running job should stop (asked to, or gone)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status is None or status == JobStatus.CANCEL_REQUESTED
+
+
+def publish(session: Session, job_id: str, tenant_id: str, files: list[StoredFile]) -> None:
+    """The job's artifacts are these files. A job run again replaces the rows of an earlier attempt: one set of
+    artifacts per job."""
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    session.add_all([Artifact(id=new_id("art"), job_id=job_id, tenant_id=tenant_id, name=f.name,
+                              size_bytes=f.size_bytes, sha256=f.sha256, content_type=f.content_type, storage_key=f.key)
+                     for f in files])
+    queries.add_event(session, job_id, f"Stored {len(files)} artifacts.",
+                      data={"artifacts": sorted(f.name for f in files)})
+
+
+def finish(session: Session, job_id: str, status: JobStatus, message: str, metrics: dict[str, Any] | None = None,
+           error: dict[str, str] | None = None) -> Ended:
+    """running or cancel_requested -> succeeded, failed or cancelled, by the worker that holds the lease."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.status, job.finished_at, job.error = status, utcnow(), error
+    job.lease_owner, job.lease_expires_at = None, None
+    if status != JobStatus.SUCCEEDED:  # rows an interrupted earlier attempt committed: only a success has artifacts
+        session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    if metrics is not None:
+        job.metrics = metrics
+    if status == JobStatus.SUCCEEDED and job.progress:
+        job.progress = {**job.progress, "stage": "done", "fraction": 1.0}
+    level = "error" if status == JobStatus.FAILED else "info"
+    queries.add_event(session, job_id, message, level=level, type="metrics" if metrics else "message",
+                      data={"status": status, **({"metrics": metrics} if metrics else {}),
+                            **({"error": error} if error else {})})
+    return _ended(job)
+
+
+def cancel(session: Session, job: Job) -> Ended | None:
+    """The client's cancellation: a queued job ends at once (an Ended to announce), a running one is asked to stop
+    (None: its worker ends it). Raises queries.StateConflict for a job that has already ended."""
+    queries.cancel_job(session, job)
+    return _ended(job) if job.status == JobStatus.CANCELLED else None
+
+
+def cancel_abandoned(session: Session, job_id: str) -> Ended | None:
+    """A cancellation whose worker died: nobody is left to wind it down, so the reconciler ends it. None when the
+    job was not abandoned (its worker is alive, or another reconciler got there first). The caller removes its
+    files once this commits."""
+    if not queries.cancel_abandoned(session, job_id):
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    return _ended(job)
+
+
+def announce(outbox: Outbox, ended: Ended | None) -> None:
+    """The one way a job's end is told: its webhook, if it asked for one. Called after the commit that ended it, so
+    the webhook never reports what the database does not say; a failed send is only logged."""
+    if ended is None or not ended.webhook:
+        return
+    try:
+        outbox.enqueue_webhook(ended.job_id, ended.status)
+    except Exception as exc:
+        log.warning("could not enqueue the webhook of %s: %s", ended.job_id, exc)
+
+
+def drop_files(store: ArtifactStore, tenant_id: str, job_id: str) -> None:
+    """Everything a job stored (checkpoints, uploads of every attempt): for a job that failed or was cancelled.
+    Failing to is only logged: nothing lists the files, so a leftover harms nobody."""
+    try:
+        store.delete_prefix(layout.job_prefix(tenant_id, job_id))
+    except Exception as exc:
+        log.warning("could not delete the files of job %s: %s", job_id, exc)
+
+
+def drop_checkpoints(store: ArtifactStore, tenant_id: str, job_id: str) -> None:
+    """A job that ended needs its checkpoints no more; failing to remove them is only logged."""
+    try:
+        store.delete_prefix(layout.checkpoints_prefix(tenant_id, job_id))
+    except Exception as exc:
+        log.warning("could not delete the checkpoints of %s: %s", job_id, exc)
+
+
+def _ended(job: Job) -> Ended:
+    return Ended(job.id, job.tenant_id, JobStatus(job.status), bool(job.request.get("webhook")))

@@ -1,0 +1,52 @@
+"""The contract's names: what a job may ask for, and what the service reports back.
+
+The API validates against these, /v1/capabilities lists them and the engine runs them; a test checks that the
+engine's registries hold exactly these names, so a name cannot be added on one side only.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+UNSTRUCTURED = "unstructured"
+PATTERNS = (UNSTRUCTURED, "2:4", "4:8")
+UNIFORM = "uniform"
+ALLOCATIONS = (UNIFORM, "ecoflap-zeroth", "ecoflap-first", "owl")
+# One sparsity per block, or per layer (allocation_options.granularity).
+GRANULARITIES = ("block", "layer")
+RESTORE_METHODS = ("sparse-lora", "lora")
+# Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
+TOWERS = ("vision", "qformer", "language")
+# The towers pruned when a job names none: the Q-Former only when named.
+DEFAULT_TOWERS = ("vision", "language")
+
+WIKI_EN = "builtin:wiki-en"
+DIGITS = "builtin:digits"
+TEXT = "text"
+IMAGE_TEXT = "image-text"
+DATASET_KINDS = (TEXT, IMAGE_TEXT)
+BUILTIN_DATASETS = {WIKI_EN: TEXT, DIGITS: IMAGE_TEXT}
+
+# Families the engine has a tiny test model of (prunekit/fixtures/demo_models.py) and prunes end to end.
+MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
+# config.json model_type of the families with a vision tower: the only ones an image-text dataset can calibrate.
+VISION_MODEL_TYPES = ("clip", "llava", "blip-2")
+MODEL_SCHEMES = ("local", "hf", "s3")
+
+# The engine's stages, in the order a job passes them (scoring and restoring only when asked for).
+STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "restoring", "evaluation_pruned",
+          "saving")
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCEL_REQUESTED = "cancel_requested"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# A job in one of these never changes again.
+ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -1,0 +1,40 @@
+"""A job's request (as the API stored it) as the engine's plain-data PruneSpec, with what the deployment's settings
+add: the device, and the archive limits the API checked the job's uploaded datasets with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prunekit.core.config import Settings
+from prunekit.vocabulary import ALLOCATION, PATTERN, ArchiveLimits
+from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, PruneSpec, RestoreSpec
+
+
+def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> PruneSpec:
+    # Read with the limits the upload was accepted with: a dataset stored with a 201 is one every job can read.
+    limits = settings.archive_limits()
+    return PruneSpec(
+        model_dir=model_dir,
+        method=request["method"],
+        sparsity=float(request["sparsity"]),
+        pattern=request.get("pattern", PATTERN),
+        calibration=CalibrationSpec(**request.get("calibration", {}), archive_limits=limits),
+        evaluation=EvaluationSpec(**request.get("evaluation", {})),
+        device=settings.device,
+        targets=request.get("targets"),
+        offload=bool(request.get("offload", False)),
+        allocation=AllocationSpec(name=request.get("allocation", ALLOCATION.name),
+                                  **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
+        sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),
+        restore=restore_spec(request.get("restore"), limits),
+    )
+
+
+def restore_spec(options: dict[str, Any] | None, archive_limits: ArchiveLimits | None = None) -> RestoreSpec | None:
+    """The request's restore object (defaults filled in by the API) as the engine's RestoreSpec."""
+    if options is None:
+        return None
+    targets = options.get("targets")
+    extra = {} if archive_limits is None else {"archive_limits": archive_limits}
+    return RestoreSpec(**{**options, "targets": tuple(targets) if targets is not None else None, **extra})

@@ -1,0 +1,112 @@
+"""The allocations behind one shape, as methods/ holds the pruning methods: how each scores the dense model,
+which of its options the scores depend on (the score cache's key), and how scores become sparsities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prunekit.vocabulary import default_max_sparsity
+from workers.pruning.allocation import budget, scoring
+from workers.pruning.allocation.groups import Group
+from workers.pruning.models import Tower
+from workers.pruning.multimodal import ModelAdapter
+from workers.pruning.sequential import ModelInputs
+from workers.pruning.spec import AllocationSpec, JobError
+
+# (model, towers, scoring inputs, spec, seed, should_cancel, on_step(done, total)) -> plain JSON (cacheable)
+Score = Callable[[ModelAdapter, Sequence[Tower], ModelInputs, AllocationSpec, int, Callable[[], bool],
+                  Callable[[int, int], None]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    name: str
+    # None: nothing to score, every layer gets its tower's target (and no calibration is needed for it).
+    score: Score | None
+    # The options besides num_samples, seq_len and seed that the raw scores depend on (not the target,
+    # max_sparsity or spread: those act after scoring, so scores cached under one still serve the others).
+    cache_options: Callable[[AllocationSpec], dict[str, Any]]
+    # (raw scores, groups) -> one value per group: the higher, the more of the group is kept
+    group_values: Callable[[dict[str, Any], Sequence[Group]], list[float]] | None
+    # (values, group sizes, target, spec) -> one sparsity per group whose size-weighted mean is the target
+    spread: Callable[[list[float], list[int], float, AllocationSpec], list[float]] | None
+
+
+def max_sparsity(spec: AllocationSpec, target: float) -> float:
+    if spec.max_sparsity is not None:
+        if spec.max_sparsity < target:
+            raise JobError("invalid_spec", f"allocation_options.max_sparsity ({spec.max_sparsity}) is below the "
+                                           f"target sparsity ({target}); no allocation can meet the target.")
+        return spec.max_sparsity
+    return default_max_sparsity(target)
+
+
+def _no_options(_spec: AllocationSpec) -> dict[str, Any]:
+    return {}
+
+
+def _zeroth_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
+                   seed: int, should_cancel: Callable[[], bool],
+                   on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    return {"scores": scoring.zeroth_order_scores(model, towers, inputs, spec.eps, seed,
+                                                  should_cancel=should_cancel, on_layer=on_step)}
+
+
+def _first_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, _spec: AllocationSpec,
+                  _seed: int, should_cancel: Callable[[], bool],
+                  on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    return {"scores": scoring.first_order_scores(model, towers, inputs, should_cancel=should_cancel,
+                                                 on_batch=on_step)}
+
+
+def _owl_outliers(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
+                  _seed: int, should_cancel: Callable[[], bool],
+                  _on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    counts = scoring.outlier_ratios(model.model, towers, inputs, per_layer=spec.granularity == "layer",
+                                    multiple=spec.outlier_multiple, should_cancel=should_cancel)
+    return {"outliers": {name: list(count) for name, count in counts.items()}}
+
+
+def _zeroth_options(spec: AllocationSpec) -> dict[str, Any]:
+    return {"eps": spec.eps}
+
+
+def _owl_options(spec: AllocationSpec) -> dict[str, Any]:
+    return {"granularity": spec.granularity, "outlier_multiple": spec.outlier_multiple}
+
+
+def _summed_scores(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
+    scores = raw["scores"]
+    return [sum(scores.get(layer, 0.0) for layer in g.layers) for g in groups]
+
+
+def _outlier_ratios(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
+    outliers = raw["outliers"]
+    return [outliers[g.name][0] / max(outliers[g.name][1], 1) if g.name in outliers else 0.0 for g in groups]
+
+
+def _water_fill(values: list[float], sizes: list[int], target: float, spec: AllocationSpec) -> list[float]:
+    return budget.water_fill(values, sizes, target, max_sparsity(spec, target))
+
+
+def _owl_spread(values: list[float], sizes: list[int], target: float, spec: AllocationSpec) -> list[float]:
+    spread = min(spec.spread, min(target, 1.0 - target) / 2)
+    return budget.owl_spread(values, sizes, target, spread)
+
+
+ALLOCATIONS: dict[str, Allocation] = {
+    "uniform": Allocation("uniform", None, _no_options, None, None),
+    "ecoflap-zeroth": Allocation("ecoflap-zeroth", _zeroth_scores, _zeroth_options, _summed_scores, _water_fill),
+    "ecoflap-first": Allocation("ecoflap-first", _first_scores, _no_options, _summed_scores, _water_fill),
+    "owl": Allocation("owl", _owl_outliers, _owl_options, _outlier_ratios, _owl_spread),
+}
+
+
+def get_allocation(name: str) -> Allocation:
+    try:
+        return ALLOCATIONS[name]
+    except KeyError:
+        raise JobError("invalid_spec", f"Allocation {name!r} is not available; use one of "
+                                       f"{', '.join(ALLOCATIONS)}.") from None
