@@ -100,3 +100,12 @@ def test_missing_model_folder(tmp_path: Path, small_text: Path) -> None:
     with pytest.raises(JobError) as info:
         run(spec_for(tmp_path / "nope", small_text), tmp_path / "out")
     assert info.value.code == "model_load_failed"
+
+
+def test_a_sweep_reports_every_tower_it_pruned(tiny_llama_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    # The job's own sparsity (the lowest) is pruned first; the report describes it although later sparsities
+    # reloaded the model, so its towers are the planned ones by name, not the same objects.
+    result = run(spec_for(tiny_llama_dir, small_text, method="magnitude", sparsity=0.3, sweep=(0.3, 0.6),
+                          evaluation=EvaluationSpec(perplexity=False)), tmp_path)
+    assert [row["sparsity"] for row in result.metrics["sweep"]] == [0.3, 0.6]
+    assert [(t["name"], t["pruned"]) for t in result.report["model"]["towers"]] == [("language", True)]

@@ -412,7 +412,8 @@ def _report(job: _Job, setup: _Setup, data: _Data, metrics: dict[str, Any], scor
         "model": {"source": model.loaded.source, "family": model.adapter.family, "num_blocks": setup.num_blocks,
                   "dtype": str(next(model.module.parameters()).dtype),
                   "towers": [{"name": t.name, "module": t.prefix, "num_blocks": len(t.blocks),
-                              "pruned": any(t is planned for planned, _ in first.plan)} for t in model.towers]},
+                              "pruned": any(t.name == planned.name for planned, _ in first.plan)}
+                             for t in model.towers]},
         "unused_layers": first.unused,
         "data": data.info if first.restore is None else {**data.info, "restore": first.restore["data"]},
         "environment": _environment(job.device, job.memory),
