@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-quality bench-clip bench-allocation bench-restore bench-load clean
+.PHONY: install run test fuzz lint bench bench-quality bench-clip bench-allocation bench-restore bench-load clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The contract test for FUZZ_SECONDS (default 300) with a random seed, which it prints; not part of CI. Needs
+# Postgres and Redis like the tests. FUZZ_SEED=<seed> runs a seed that found something again.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	PRUNEKIT_FUZZ_SECONDS=$(FUZZ_SECONDS) PRUNEKIT_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/python -m pytest tests/api/test_contract.py -k every_phase -s -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check .

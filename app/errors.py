@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from prunekit.core.db.async_reads import DatabaseUnavailable
 
@@ -56,6 +57,25 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers (RFC 9110: a 405 lists them in `Allow`). Starlette's own header
+    names only the first route that matched the path, so of `GET /v1/jobs` and `POST /v1/jobs`, two routes, each
+    claimed to be the only method. Each method is asked of the routes as the router itself asks them (`matches`),
+    so included routers answer for themselves. A mount matches any method: what it serves says so itself (the
+    dashboard's files: `GET, HEAD`), so "" leaves its header as it is."""
+    allowed = []
+    for method in _METHODS:
+        # A fresh scope: routing has already rewritten the request's (path parameters, a mount's root_path).
+        scope = {"type": "http", "path": request.url.path, "root_path": "", "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes
+               if not isinstance(route, Mount)):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -73,9 +93,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(422, "invalid_request", detail, first["param"] or None, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return problem_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+        return problem_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

@@ -10,6 +10,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy import Row
 
 from app import capabilities as caps
+from app.schema_rules import job_rules
 from prunekit.core.db.models import Dataset, Job, JobEvent
 from prunekit.core.documents import epoch, job_document
 from prunekit.vocabulary import (
@@ -43,15 +44,37 @@ GranularityName = Literal[GRANULARITIES]  # type: ignore[valid-type]
 RestoreMethodName = Literal[RESTORE_METHODS]  # type: ignore[valid-type]
 JobStatusName = Literal[tuple(status.value for status in JobStatus)]  # type: ignore[valid-type]
 
-_LOCAL = re.compile(r"^local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HF = re.compile(r"^hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?$")
-_DATASET_ID = re.compile(r"^ds_[0-9A-Z]{26}$")
-_S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$")
+# Each pattern is published in the OpenAPI document as the validators below apply it (with fullmatch: a
+# trailing newline never slips past `$`), so that what the schema allows is what the server accepts. They use only
+# what ECMA 262 and Python's `re` read alike.
+MODEL_REF_PATTERN = (r"^(local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+                     r"|hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?"
+                     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?)$")
+# No form of reference has a `..` (a path out of the models root or the bucket prefix; Hugging Face forbids it in
+# names and git in revisions): the schema says so with `not`, as lookarounds are not portable.
+_PARENT = ".."
+JOB_ID_PATTERN = r"^job_[0-9A-Z]{26}$"
+DATASET_ID_PATTERN = r"^ds_[0-9A-Z]{26}$"
+ARTIFACT_ID_PATTERN = r"^art_[0-9A-Z]{26}$"
+DATASET_REF_PATTERN = "^(" + "|".join([*caps.BUILTIN_DATASETS, DATASET_ID_PATTERN.strip("^$")]) + ")$"
+LAYER_SUFFIX_PATTERN = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+WEBHOOK_URL_CHARS = 2000
+METADATA_KEY_CHARS = 64
+_MODEL_REF = re.compile(MODEL_REF_PATTERN)
+_DATASET_ID = re.compile(DATASET_ID_PATTERN)
+_LAYER_SUFFIX = re.compile(LAYER_SUFFIX_PATTERN)
+_IDS = {prefix: re.compile(pattern) for prefix, pattern in
+        (("job", JOB_ID_PATTERN), ("ds", DATASET_ID_PATTERN), ("art", ARTIFACT_ID_PATTERN))}
+
+
+def is_id(prefix: str, value: str) -> bool:
+    """Whether `value` can be an id of this kind: routes answer 404 for any other without asking the database
+    (which, for one, refuses NUL characters outright)."""
+    return _IDS[prefix].fullmatch(value) is not None
 
 
 def check_model_ref(ref: str) -> str:
-    ok = (_LOCAL.match(ref) and ".." not in ref) or _HF.match(ref) or (_S3.match(ref) and ".." not in ref)
-    if not ok:
+    if not _MODEL_REF.fullmatch(ref) or _PARENT in ref:
         raise ValueError(
             "must be local:<name> (a model under the server's models root), hf:<org>/<name>[@revision] "
             "or s3://bucket/prefix"
@@ -61,7 +84,7 @@ def check_model_ref(ref: str) -> str:
 
 def check_dataset_ref(value: str) -> str:
     # Uploaded datasets (ds_...) are checked against the caller's tenant by the route.
-    if value not in caps.BUILTIN_DATASETS and not _DATASET_ID.match(value):
+    if value not in caps.BUILTIN_DATASETS and not _DATASET_ID.fullmatch(value):
         raise ValueError(f"unknown dataset {value!r}; use an uploaded dataset id (ds_...) or one of: "
                          f"{', '.join(caps.BUILTIN_DATASETS)}")
     return value
@@ -73,7 +96,7 @@ class Strict(BaseModel):
 
 class Calibration(Strict):
     # A CLIP model left at this default calibrates on builtin:digits; the job's report names the dataset used.
-    dataset: str = CALIBRATION.dataset
+    dataset: str = Field(CALIBRATION.dataset, json_schema_extra={"pattern": DATASET_REF_PATTERN})
     num_samples: int = Field(CALIBRATION.num_samples, ge=1, le=caps.LIMITS["calibration_num_samples"])
     seq_len: int = Field(CALIBRATION.seq_len, ge=16, le=caps.LIMITS["calibration_seq_len"])
     seed: int = Field(CALIBRATION.seed, ge=0, le=2**31 - 1)
@@ -110,7 +133,9 @@ class AllocationOptions(Strict):
 
 class Sweep(Strict):
     sparsities: list[float] = Field(min_length=1, max_length=caps.LIMITS["sweep_sparsities"],
-                                    description="one pruned model and one metrics row per sparsity")
+                                    description="one pruned model and one metrics row per sparsity",
+                                    json_schema_extra={"uniqueItems": True, "items": {
+                                        "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}})
 
     @field_validator("sparsities")
     @classmethod
@@ -122,7 +147,13 @@ class Sweep(Strict):
         return sorted(value)
 
 
-_LAYER_SUFFIX = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+def _whole_steps_or_fraction(schema: dict[str, Any]) -> None:
+    # What the validator below accepts: a whole number of steps (5.0 counts, as JSON Schema's integer does), or a
+    # fraction strictly between 0 and 1.
+    for key in ("minimum", "maximum", "ge", "le"):
+        schema.pop(key, None)
+    schema["anyOf"] = [{"type": "integer", "minimum": 0, "maximum": caps.LIMITS["restore_steps"]},
+                       {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}]
 
 
 class Restore(Strict):
@@ -137,11 +168,15 @@ class Restore(Strict):
     batch_size: int = Field(RESTORE.batch_size, ge=1, le=caps.LIMITS["restore_batch_size"])
     warmup_steps: int | float = Field(RESTORE.warmup_steps, ge=0, le=caps.LIMITS["restore_steps"],
                                       description="linear warm-up before the cosine decay: a number of steps (at "
-                                                  "most `steps`), or a fraction in (0, 1)")
-    dataset: str | None = Field(None, description="default: the calibration dataset; else builtin:... or ds_...")
+                                                  "most `steps`), or a fraction in (0, 1)",
+                                      json_schema_extra=_whole_steps_or_fraction)
+    dataset: str | None = Field(None, description="default: the calibration dataset; else builtin:... or ds_...",
+                                json_schema_extra={"pattern": DATASET_REF_PATTERN})
     targets: list[str] | None = Field(None, min_length=1, max_length=64,
                                       description="layer-name suffixes to adapt (q_proj, mlp.fc1); default: every "
-                                                  "pruned layer")
+                                                  "pruned layer",
+                                      json_schema_extra={"items": {"type": "string", "maxLength": 200,
+                                                                   "pattern": LAYER_SUFFIX_PATTERN}})
 
     @field_validator("warmup_steps")
     @classmethod
@@ -161,24 +196,29 @@ class Restore(Strict):
     @field_validator("targets")
     @classmethod
     def _suffixes(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(len(t) > 200 or not _LAYER_SUFFIX.match(t) for t in value):
+        if value is not None and any(len(t) > 200 or not _LAYER_SUFFIX.fullmatch(t) for t in value):
             raise ValueError("each target is a layer-name suffix such as q_proj or mlp.fc1")
         return value
 
 
 class Webhook(Strict):
-    url: HttpUrl = Field(description="http(s) URL that receives pruning.job.succeeded|failed|cancelled")
+    url: HttpUrl = Field(description="http(s) URL that receives pruning.job.succeeded|failed|cancelled",
+                         json_schema_extra={"maxLength": WEBHOOK_URL_CHARS, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"})
 
-    @field_validator("url")
+    @field_validator("url", mode="before")
     @classmethod
-    def _bounded(cls, value: HttpUrl) -> HttpUrl:
-        if len(str(value)) > 2000:
-            raise ValueError("at most 2000 characters")
+    def _bounded(cls, value: Any) -> Any:
+        # The URL as sent is what the schema's maxLength counts (parsing may add a slash or punycode).
+        if isinstance(value, str) and len(value) > WEBHOOK_URL_CHARS:
+            raise ValueError(f"at most {WEBHOOK_URL_CHARS} characters")
         return value
 
 
 class JobCreate(Strict):
-    model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _job_schema(schema))
+
+    model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix",
+                       json_schema_extra={"pattern": MODEL_REF_PATTERN, "not": {"pattern": r"\.\."}})
     method: MethodName
     # pattern comes before sparsity so that sparsity's validator can see it (fields validate in order).
     pattern: PatternName = PATTERN
@@ -186,7 +226,9 @@ class JobCreate(Strict):
     sparsity: float | None = Field(None, gt=0, lt=1, description="required unless a sweep is given")
     allocation: AllocationName = ALLOCATION.name
     allocation_options: AllocationOptions | None = Field(None, validate_default=True)
-    targets: dict[str, float] | None = None
+    targets: dict[str, float] | None = Field(None, json_schema_extra={
+        "minProperties": 1, "propertyNames": {"enum": list(caps.TOWERS)},
+        "additionalProperties": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}})
     restore: Restore | None = Field(None, description="LoRA fine-tuning after pruning; sparse-lora keeps the "
                                                      "model exactly sparse")
     sweep: Sweep | None = None
@@ -194,7 +236,9 @@ class JobCreate(Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     offload: bool = Field(OFFLOAD, description="keep the model in CPU memory and move one block at a time to the "
                                              "worker's GPU: prunes models larger than the GPU (no effect on CPU)")
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra={
+        "maxProperties": caps.LIMITS["metadata_keys"], "propertyNames": {"maxLength": METADATA_KEY_CHARS},
+        "additionalProperties": {"type": "string", "maxLength": caps.LIMITS["metadata_value_chars"]}})
     webhook: Webhook | None = None
 
     @field_validator("model")
@@ -213,9 +257,10 @@ class JobCreate(Strict):
 
     @field_validator("sparsity")
     @classmethod
-    def _fixed_by_pattern(cls, value: float, info: ValidationInfo) -> float:
+    def _fixed_by_pattern(cls, value: float | None, info: ValidationInfo) -> float | None:
         pattern = info.data.get("pattern")  # absent when the pattern itself was invalid
-        if not fits_pattern(value, pattern):
+        # An explicit null is left out (the route asks for a sweep then); it used to reach fits_pattern, a 500.
+        if value is not None and not fits_pattern(value, pattern):
             fixed = fixed_sparsity(pattern)
             raise PydanticCustomError("sparsity_fixed_by_pattern", "pattern {pattern} fixes sparsity at {fixed}",
                                       {"pattern": pattern, "fixed": f"{fixed:g}"})
@@ -290,10 +335,22 @@ class JobCreate(Strict):
     def _metadata_bounds(cls, value: dict[str, str]) -> dict[str, str]:
         if len(value) > caps.LIMITS["metadata_keys"]:
             raise ValueError(f"at most {caps.LIMITS['metadata_keys']} keys")
-        if any(len(k) > 64 or len(v) > caps.LIMITS["metadata_value_chars"] for k, v in value.items()):
-            raise ValueError(f"keys up to 64 characters, values up to {caps.LIMITS['metadata_value_chars']}")
+        longest = caps.LIMITS["metadata_value_chars"]
+        if any(len(k) > METADATA_KEY_CHARS or len(v) > longest for k, v in value.items()):
+            raise ValueError(f"keys up to {METADATA_KEY_CHARS} characters, values up to {longest}")
         return value
 
+
+
+def _job_schema(schema: dict[str, Any]) -> None:
+    job_rules(schema)
+    # Requests as docs/api.md shows them; the first names a model a server may well not have (422 unknown_model).
+    schema["examples"] = [
+        {"model": "local:smollm2-135m", "method": "wanda", "sparsity": 0.5, "metadata": {"team": "search"}},
+        {"model": "hf:HuggingFaceTB/SmolLM2-135M", "method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5},
+        {"model": "hf:HuggingFaceTB/SmolLM2-135M", "method": "wanda", "allocation": "owl",
+         "sweep": {"sparsities": [0.5, 0.6, 0.7]}},
+    ]
 
 
 class JobOut(BaseModel):

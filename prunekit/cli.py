@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
 
-    worker = sub.add_parser("worker", help="run a Celery worker that executes pruning jobs")
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker = sub.add_parser("worker", help="run a Celery worker that executes pruning jobs (or, with --webhooks, "
+                                           "one that delivers webhooks)")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="jobs at once (default 1), or deliveries at once with --webhooks (WEBHOOK_CONCURRENCY)")
+    worker.add_argument("--webhooks", action="store_true",
+                        help="consume the webhook queue (WEBHOOK_QUEUE_NAME) instead of the job queue")
 
     sub.add_parser("migrate", help="bring the database schema up to date")
 
@@ -58,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return cmd_serve(settings, args.host, args.port)
     if args.command == "worker":
-        return cmd_worker(settings, args.concurrency)
+        if args.webhooks:
+            return cmd_webhook_worker(settings, args.concurrency or settings.webhook_concurrency)
+        return cmd_worker(settings, args.concurrency or 1)
     if args.command == "migrate":
         from prunekit.core.db.session import migrate
 
@@ -125,6 +131,18 @@ def cmd_worker(settings: Settings, concurrency: int) -> int:
     celery.worker_main(["worker", f"--loglevel={settings.log_level.upper()}", f"--concurrency={concurrency}",
                         f"--pool={pool}", "-Q", settings.queue_name, "-E",
                         f"--hostname=prunekit-{os.getpid()}@%h"])
+    return 0
+
+
+def cmd_webhook_worker(settings: Settings, concurrency: int) -> int:
+    """The webhook queue's consumer: deliveries wait on the network, so threads, many at once, and no torch."""
+    from prunekit.core.logs import configure_logging
+    from workers.celery_app import celery
+
+    configure_logging(settings.log_level)
+    celery.worker_main(["worker", f"--loglevel={settings.log_level.upper()}", f"--concurrency={concurrency}",
+                        "--pool=threads", "-Q", settings.webhook_queue_name, "-E",
+                        f"--hostname=prunekit-webhooks-{os.getpid()}@%h"])
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 from prunekit.core.config import Settings
@@ -57,9 +58,14 @@ def copy_hf_folder(source: Path, dest: Path) -> None:
     files = sorted({p for pattern in SAFE_MODEL_FILES for p in source.glob(pattern) if p.is_file()})
     if not any(p.suffix == ".safetensors" for p in files):
         raise SystemExit(f"{source} has no .safetensors weights (pickled .bin/.pt/.pth checkpoints are refused)")
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in files:
-        shutil.copy2(path, tmp / path.name)
-    tmp.rename(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # An unpredictable name beside dest (the rename is atomic): nobody can plant a folder where the copy goes.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model is read by workers, perhaps as another user
+    try:
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

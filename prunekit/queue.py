@@ -21,6 +21,9 @@ def make_celery(settings: Settings) -> Celery:
     celery = Celery("prunekit", broker=settings.broker_url)
     celery.conf.update(
         task_default_queue=settings.queue_name,
+        # Webhooks have their own queue and consumer: a job worker runs one job at a time, for hours, and a
+        # delivery queued behind it would wait as long.
+        task_routes={DELIVER_WEBHOOK_TASK: {"queue": settings.webhook_queue_name}},
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
@@ -39,11 +42,11 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-_producers: dict[tuple[str, str], Celery] = {}
+_producers: dict[tuple[str, str, str], Celery] = {}
 
 
 def _producer(settings: Settings) -> Celery:
-    key = (settings.broker_url, settings.queue_name)
+    key = (settings.broker_url, settings.queue_name, settings.webhook_queue_name)
     if key not in _producers:
         _producers[key] = make_celery(settings)
     return _producers[key]
@@ -60,7 +63,7 @@ def enqueue_job(settings: Settings, job_id: str, sent_at: datetime | None = None
 
 
 def enqueue_webhook(settings: Settings, job_id: str, status: str) -> None:
-    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id, status], queue=settings.queue_name,
+    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id, status], queue=settings.webhook_queue_name,
                                   retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2})
 
 

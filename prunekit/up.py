@@ -36,7 +36,8 @@ def run_up(settings: Settings, model: str, exit_after_demo: bool) -> int:
         import_model(settings, name, None)
     key = dev_api_key(settings)
     base_url = f"http://{settings.api_host}:{settings.api_port}"
-    processes = [spawn(["serve"]), spawn(["worker"])]
+    # The webhook consumer beside the job worker: a job's webhook is sent while the worker runs the next job.
+    processes = [spawn(["serve"]), spawn(["worker"]), spawn(["worker", "--webhooks"])]
     try:
         wait_ready(base_url, processes)
         say(f"API on {base_url} (OpenAPI: {base_url}/docs); API key in {settings.var_dir / 'dev-api-key'}")
@@ -76,7 +77,7 @@ def wait_ready(base_url: str, processes: list[Any], timeout_s: float = 120.0) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
-            raise SystemExit("the API or the worker exited during start-up; see the log above")
+            raise SystemExit("the API, the worker or the webhook consumer exited during start-up; see the log above")
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from prunekit.core import layout, lifecycle
-from prunekit.core.storage import ArtifactStore
+from prunekit.core.db import queries
+from prunekit.core.storage import ArtifactStore, retrying
 from workers.lease import Lease, LeaseLost
+
+log = logging.getLogger("prunekit.worker")
+T = TypeVar("T")
 
 
 def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str, Path]) -> None:
     """Uploads under the attempt's own prefix, records the rows while the lease holds, then removes what earlier,
-    interrupted attempts left behind. An attempt that lost its lease removes its own upload instead."""
+    interrupted attempts left behind. An attempt that lost its lease removes its own upload instead.
+
+    A store that cannot be reached is retried (STORAGE_RETRY_S per outage) and the upload goes on with the file
+    it stopped at; if it stays away, StorageUnavailable ends the job before any row is written."""
     job_id = lease.job_id
     prefix = layout.attempt_prefix(tenant_id, job_id, lease.attempt)
     stored = []
     lease.check()
-    for name, path in files.items():
+    patient = _Patient(lease, len(files))
+    for done, (name, path) in enumerate(files.items()):
         key = f"{prefix}/{name}"
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        store.put_file(key, path, content_type)
+        patient.call(partial(store.put_file, key, path, content_type), f"uploading {name}",
+                     left=len(files) - done - 1)
         stored.append(lifecycle.StoredFile(name=name, key=key, size_bytes=path.stat().st_size,
                                            sha256=sha256_file(path), content_type=content_type))
     try:
@@ -30,9 +43,44 @@ def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str,
     except LeaseLost:
         store.delete_prefix(prefix)
         raise
-    job_keys = store.list_keys(layout.job_prefix(tenant_id, job_id))
+    job_keys = patient.call(partial(store.list_keys, layout.job_prefix(tenant_id, job_id)), "listing the job's files")
     for stale in layout.attempt_prefixes(job_keys, tenant_id, job_id) - {prefix}:
-        store.delete_prefix(stale)
+        patient.call(partial(store.delete_prefix, stale), "removing an interrupted attempt's files")
+
+
+class _Patient:
+    """Store calls retried through an outage; the job's events say when the store went away and came back, and
+    every pause first proves the lease (a worker that lost the job stops waiting for the store)."""
+
+    def __init__(self, lease: Lease, files: int) -> None:
+        self.lease, self.files = lease, files
+
+    def call(self, call: Callable[[], T], what: str, left: int | None = None) -> T:
+        waited: list[float] = []
+
+        def on_retry(exc: BaseException, pause: float) -> None:
+            self.lease.check()
+            if not waited:
+                self._event(f"The artifact store cannot be reached while {what}; retrying for up to "
+                            f"{self.lease.settings.storage_retry_s:g} s.",
+                            {"error": f"{type(exc).__name__}: {exc}"[:500]})
+            waited.append(pause)
+
+        result = retrying(call, self.lease.settings.storage_retry_s, what, on_retry=on_retry)
+        if waited:
+            rest = f"; the upload goes on ({left} of {self.files} files left)" if left is not None else ""
+            self._event(f"The artifact store is back after {len(waited)} retries{rest}.",
+                        {"retries": len(waited), **({"files_left": left} if left is not None else {})})
+        return result
+
+    def _event(self, message: str, data: dict[str, object]) -> None:
+        try:
+            with self.lease.session() as session:
+                queries.add_event(session, self.lease.job_id, message, level="warning", data=data)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # the database away too: the upload matters more than its note
+            log.warning("job %s: could not record %r: %s", self.lease.job_id, message, exc)
 
 
 def sha256_file(path: Path) -> str:

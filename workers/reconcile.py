@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
-from prunekit.core.db.models import utcnow
 from prunekit.core.db.session import session_scope
 from prunekit.core.periodic import Periodic
 from prunekit.core.storage import ArtifactStore, make_store
@@ -54,10 +53,12 @@ def reconcile_once(settings: Settings, store: ArtifactStore | None = None,
                    outbox: lifecycle.Outbox | None = None) -> Report:
     """One round. A caller that reconciles again and again passes its own store and outbox (one per process)."""
     outbox = outbox or QueueOutbox(settings)
-    now = utcnow()
     base_s = settings.reconcile_interval_s
     with session_scope(settings) as session:
-        candidates = queries.jobs_to_resend(session, now - timedelta(seconds=base_s), now)
+        # The database's clock, not this host's: leases expire on it, and the enqueued_at this round writes is
+        # compared with the ones other workers wrote (a worker whose clock is minutes off re-sends nothing early).
+        now = queries.database_now(session)
+        candidates = queries.jobs_to_resend(session, now - timedelta(seconds=base_s))
     resent, cancelled = [], []
     for job in candidates:
         if job.status == JobStatus.CANCEL_REQUESTED:

@@ -12,16 +12,15 @@ from typing import Any
 from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
-from prunekit.core.db.models import utcnow
 from prunekit.core.db.session import session_scope
 from prunekit.core.logs import current_job_id
 from prunekit.core.storage import ArtifactStore, make_store
 from prunekit.queue import QueueOutbox
 from prunekit.vocabulary import JobStatus
-from workers import checkpoints
+from workers import checkpoints, failures
 from workers.inputs import name_datasets_as_submitted, resolve_datasets, resolve_model
 from workers.job_spec import build_spec
-from workers.lease import Lease, LeaseLost, new_owner
+from workers.lease import DatabaseUnavailable, Lease, LeaseLost, database_down, new_owner
 from workers.pruning.pipeline import run as run_pipeline
 from workers.pruning.spec import JobCancelled, JobError, Progress
 from workers.publish import publish
@@ -56,6 +55,9 @@ def _execute(job_id: str, settings: Settings, outbox: lifecycle.Outbox, sent_at:
         _run(lease, claimed, scratch, outbox)
     except LeaseLost:
         log.warning("job %s: another worker took the job over; this attempt stops without writing", job_id)
+    except DatabaseUnavailable as exc:
+        log.warning("job %s: %s; this attempt stops without writing, and the job is handed on (resuming from its "
+                    "last checkpoint) once the database is back and its lease has run out", job_id, exc)
     finally:
         lease.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -92,13 +94,17 @@ def _run(lease: Lease, claimed: lifecycle.Claimed, scratch: Path, outbox: lifecy
     except JobError as exc:
         _drop_files(lease, store, tenant_id)
         _end(lease, outbox, JobStatus.FAILED, exc.message, error={"code": exc.code, "message": exc.message})
-    except LeaseLost:
+    except (LeaseLost, DatabaseUnavailable):
         raise
     except Exception as exc:  # the worker must outlive any one job
+        if database_down(exc):  # a connection that broke outside the lease's retries: no fault of the job's
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
         log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
+        code, message = failures.describe(exc)  # a full disk or an unreachable store say so; the rest internal_error
+        # Its partial files go before its status says so: a full scratch disk is free again for the next job.
+        shutil.rmtree(scratch, ignore_errors=True)
         _drop_files(lease, store, tenant_id)
-        _end(lease, outbox, JobStatus.FAILED, message, error={"code": "internal_error", "message": message})
+        _end(lease, outbox, JobStatus.FAILED, message, error={"code": code, "message": message})
 
 
 def _drop_files(lease: Lease, store: ArtifactStore | None, tenant_id: str) -> None:
@@ -112,8 +118,8 @@ def _drop_files(lease: Lease, store: ArtifactStore | None, tenant_id: str) -> No
 
 def _end(lease: Lease, outbox: lifecycle.Outbox, status: JobStatus, message: str,
          metrics: dict[str, Any] | None = None, error: dict[str, str] | None = None) -> None:
-    with lease.session() as session:
-        ended = lifecycle.finish(session, lease.job_id, status, message, metrics=metrics, error=error)
+    ended = lease.write(lambda session: lifecycle.finish(session, lease.job_id, status, message, metrics=metrics,
+                                                         error=error), "ending the job")
     lifecycle.announce(outbox, ended)
 
 
@@ -122,22 +128,36 @@ def _claim(job_id: str, settings: Settings, outbox: lifecycle.Outbox,
     """Claims the job in the database; a message for a job someone else holds (or that ended) is dropped."""
     with session_scope(settings) as session:
         claimed = lifecycle.claim(session, job_id, new_owner(), settings.job_lease_s,
-                                  settings.max_running_jobs_per_tenant)
+                                  settings.max_running_jobs_per_tenant, settings.job_max_attempts)
     if isinstance(claimed, lifecycle.Claimed):
         return claimed
     if claimed == "missing":
         log.warning("job %s is not in the database; dropping the message", job_id)
     elif claimed == "capped":
         _wait_for_slot(job_id, settings, outbox, sent_at)
+    elif claimed == "exhausted":
+        _give_up(job_id, settings, outbox)
     return None
+
+
+def _give_up(job_id: str, settings: Settings, outbox: lifecycle.Outbox) -> None:
+    """Every attempt of the job killed its worker: it ends failed instead of killing this one too."""
+    with session_scope(settings) as session:
+        ended = lifecycle.give_up(session, job_id, settings.job_max_attempts)
+    if ended is None:
+        return  # another worker got there first
+    log.error("job %s: its worker was killed on each of its %d attempts; failed as out_of_memory", job_id,
+              settings.job_max_attempts)
+    lifecycle.drop_files(make_store(settings), ended.tenant_id, job_id)  # its checkpoints, and any upload
+    lifecycle.announce(outbox, ended)
 
 
 def _wait_for_slot(job_id: str, settings: Settings, outbox: lifecycle.Outbox, sent_at: datetime | None) -> None:
     """The tenant runs its maximum of jobs: the job stays queued and its message comes back shortly, so no
     worker sleeps on it. Only the newest message of the job comes back (duplicates from the reconciler would
     otherwise circle too); should it be lost, the reconciler re-sends the job."""
-    now = utcnow()
     with session_scope(settings) as session:
+        now = queries.database_now(session)  # the clock the reconciler compares enqueued_at with
         if sent_at is None:  # a message from before sent_at existed
             queries.note_enqueued(session, job_id, now)
         elif not queries.mark_enqueued(session, job_id, sent_at, now):
@@ -150,15 +170,19 @@ def _wait_for_slot(job_id: str, settings: Settings, outbox: lifecycle.Outbox, se
 
 
 def _record_progress(lease: Lease, progress: Progress) -> None:
-    with lease.session() as session:
-        lifecycle.record_progress(session, lease.job_id, progress.stage, progress.done, progress.total,
-                                  progress.message)
+    # Through a database outage the engine waits here, between blocks, rather than fail the job.
+    lease.write(lambda session: lifecycle.record_progress(session, lease.job_id, progress.stage, progress.done,
+                                                          progress.total, progress.message), "recording progress")
 
 
 def _cancel_requested(lease: Lease) -> bool:
     lease.check()  # between blocks is also where a worker that lost its lease stops
-    with session_scope(lease.settings) as session:
-        return lifecycle.cancel_requested(session, lease.job_id)
+
+    def read() -> bool:
+        with session_scope(lease.settings) as session:
+            return lifecycle.cancel_requested(session, lease.job_id)
+
+    return lease.patiently(read, "reading whether the job was cancelled")
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,16 @@ class StoreScoreCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
+        # A temporary file of the job's own scratch, removed once stored (a sweep may put several entries).
+        path: Path | None = None
         try:
-            with tempfile.NamedTemporaryFile("w", dir=self.scratch, suffix=".json", delete=False,
-                                             encoding="utf-8") as fh:
+            fd, name = tempfile.mkstemp(suffix=".json", dir=self.scratch)
+            path = Path(name)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(value, fh)
-            self.store.put_file(f"{self.prefix}/{key}.json", Path(fh.name), "application/json")
+            self.store.put_file(f"{self.prefix}/{key}.json", path, "application/json")
         except Exception as exc:  # the job has its scores; only a later job loses the shortcut
             log.warning("could not store score cache entry %s: %s", key, exc)
+        finally:
+            if path is not None:
+                path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown
@@ -28,16 +29,22 @@ def deliver_webhook(self: Task, job_id: str, status: str) -> None:
     attempt = self.request.retries + 1
     result = deliver_job_webhook(job_id, status, attempt, settings)
     if result is not None and not result.ok and result.retry and attempt < settings.webhook_max_attempts:
-        raise self.retry(countdown=settings.webhook_backoff_s * 2 ** (attempt - 1))
+        # Back on the webhook queue, never behind a job.
+        raise self.retry(countdown=settings.webhook_backoff_s * 2 ** (attempt - 1), queue=settings.webhook_queue_name)
 
 
 _reconciler: Reconciler | None = None
 
 
 @worker_ready.connect
-def start_reconciler(**_: object) -> None:
+def start_reconciler(sender: Any = None, **_: object) -> None:
+    """The reconciler runs where jobs run: a webhook consumer (`prunekit worker --webhooks`) has none."""
     global _reconciler
-    _reconciler = Reconciler(get_settings())
+    settings = get_settings()
+    consumed = sender.app.amqp.queues.consume_from if sender is not None else None
+    if consumed is not None and settings.queue_name not in consumed:
+        return
+    _reconciler = Reconciler(settings)
     _reconciler.start()
 
 

@@ -6,13 +6,23 @@ import json
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from app import capabilities as caps
 from app.api.datasets import load_dataset
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.errors import Problem
-from app.schemas import EventList, JobCreate, JobList, JobOut, JobStatusName, event_out, job_out
+from app.schemas import (
+    JOB_ID_PATTERN,
+    EventList,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobStatusName,
+    event_out,
+    is_id,
+    job_out,
+)
 from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
@@ -23,8 +33,14 @@ from prunekit.queue import QueueOutbox, enqueue_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("prunekit.api")
 
+# Event ids are a bigint column; a larger cursor is refused (it answered 500 before).
+EVENT_ID_MAX = 2**63 - 1
+# The id's shape is published; any other id answers 404, like an unknown one, as it always has.
+JobId = Annotated[str, Path(json_schema_extra={"pattern": JOB_ID_PATTERN})]
+
+
 def load_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
-    job = queries.get_job(session, tenant_id, job_id)
+    job = queries.get_job(session, tenant_id, job_id) if is_id("job", job_id) else None
     if job is None:
         raise job_not_found(job_id)
     return job
@@ -143,7 +159,7 @@ def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, se
 @router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: Annotated[str | None, Query(max_length=40)] = None,
+              after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN, description="a job id")] = None,
               status: JobStatusName | None = None) -> JobList:
     jobs, has_more = queries.list_jobs(session, principal.tenant_id, min(limit, settings.max_page_size), after,
                                        status)
@@ -151,18 +167,18 @@ def list_jobs(session: SessionDep, principal: PrincipalDep, settings: SettingsDe
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, request: Request, principal: PrincipalDep) -> JobOut:
+async def get_job(job_id: JobId, request: Request, principal: PrincipalDep) -> JobOut:
     # Clients poll this route: on Postgres it reads on the event loop, one autocommit round trip and no thread
     # (prunekit/core/db/async_reads.py). The response is checked and serialised here on the event loop, where a
     # sync route would make two more trips to the threadpool.
-    view = await request.app.state.job_reads.job_view(principal.tenant_id, job_id)
+    view = await request.app.state.job_reads.job_view(principal.tenant_id, job_id) if is_id("job", job_id) else None
     if view is None:
         raise job_not_found(job_id)
     return job_out(view)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JobOut:
+def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep, settings: SettingsDep) -> JobOut:
     job = load_job(session, principal.tenant_id, job_id)
     try:
         ended = lifecycle.cancel(session, job)
@@ -174,8 +190,8 @@ def cancel_job(job_id: str, session: SessionDep, principal: PrincipalDep, settin
 
 
 @router.get("/{job_id}/events", response_model=EventList)
-def list_events(job_id: str, session: SessionDep, principal: PrincipalDep,
-                after: Annotated[int | None, Query(ge=0)] = None,
+def list_events(job_id: JobId, session: SessionDep, principal: PrincipalDep,
+                after: Annotated[int | None, Query(ge=0, le=EVENT_ID_MAX)] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventList:
     load_job(session, principal.tenant_id, job_id)
     events, has_more = queries.list_events(session, job_id, after, limit)

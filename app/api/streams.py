@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import PrincipalDep, SessionDep
-from app.api.jobs import load_job
+from app.api.jobs import EVENT_ID_MAX, JobId, load_job
 from app.schemas import event_out
 from prunekit.core.db import queries
 from prunekit.core.db.models import Job
@@ -27,13 +27,16 @@ HEARTBEAT_S = 15.0
 
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def stream_events(job_id: str, request: Request, session: SessionDep, principal: PrincipalDep,
-                  after: Annotated[int | None, Query(ge=0)] = None,
+def stream_events(job_id: JobId, request: Request, session: SessionDep, principal: PrincipalDep,
+                  after: Annotated[int | None, Query(ge=0, le=EVENT_ID_MAX)] = None,
                   last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     load_job(session, principal.tenant_id, job_id)
     cursor = after or 0
-    if last_event_id and last_event_id.strip().isdigit():
-        cursor = max(cursor, int(last_event_id))
+    resume = (last_event_id or "").strip()
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and no further than an event id can be: any
+    # other value is not an id this stream sent, and is ignored as before.
+    if resume.isascii() and resume.isdigit() and int(resume) <= EVENT_ID_MAX:
+        cursor = max(cursor, int(resume))
     return StreamingResponse(_frames(request, job_id, cursor), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -25,7 +25,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "the database or the broker is unreachable", "content": {
+    "application/json": {"schema": {"type": "object", "properties": {"status": {"const": "not_ready"},
+                                                                     "checks": {"type": "object"}}}}}}})
 def readyz(request: Request) -> JSONResponse:
     checks = {"database": _database_ok(request), "broker": broker_reachable(request.app.state.settings)}
     ready = all(checks.values())

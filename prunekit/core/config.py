@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # Webhooks to loopback, private, link-local (cloud metadata) and other non-public addresses are refused, at
     # submission and again when sent; true for receivers on a private network (and the tests' local receivers).
     webhook_allow_private_hosts: bool = False
+    # Deliveries have a queue of their own ("<queue_name>-webhooks" when unset), consumed by `prunekit worker
+    # --webhooks`, so that a finished job's webhook never waits behind a job that runs for hours.
+    webhook_queue_name: str = ""
+    # Concurrent deliveries of one webhook consumer (threads: a delivery waits on the network, not the CPU).
+    webhook_concurrency: int = Field(default=8, ge=1)
     rate_limit_per_minute: int = 1200
     job_create_limit_per_minute: int = 120
     # Where the per-tenant counters live: Redis shares them across API replicas; "memory" for one process.
@@ -69,6 +74,16 @@ class Settings(BaseSettings):
     # A job saves its progress to the artifact store every this many pruned blocks (0: never), so that a job
     # taken over after a crash resumes from its last saved block instead of starting again.
     checkpoint_every_blocks: int = Field(default=1, ge=0)
+    # How long a worker keeps retrying (with backoff) an artifact store it cannot reach while uploading a job's
+    # files, counted from the first failure of one outage; then the job fails with `storage_unavailable`.
+    storage_retry_s: float = Field(default=120.0, ge=0)
+    # Attempts a job gets. An attempt that ends without its worker reporting (the worker was killed: the kernel's
+    # out-of-memory killer, most often, and again on every retry) counts; once this many did, the job ends
+    # `failed` with `out_of_memory` instead of being handed from worker to worker forever.
+    job_max_attempts: int = Field(default=3, ge=1)
+    # While the database is unreachable, a running job waits between blocks, retrying its writes, this long; then
+    # the attempt stops without writing (the next resumes from its checkpoint).
+    database_patience_s: float = Field(default=300.0, ge=0)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
@@ -82,6 +97,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
         if not self.artifact_store:
             self.artifact_store = str(var / "artifacts")
+        if not self.webhook_queue_name:
+            self.webhook_queue_name = f"{self.queue_name}-webhooks"
         if not self.rate_limit_url:
             self.rate_limit_url = self.broker_url if self.broker_url.startswith("redis") else "memory"
         self.models_root = (self.models_root or var / "models").resolve()

@@ -6,6 +6,7 @@ files in the store, its webhook).
     queued -> cancelled          cancel (the API; nobody ran it yet)
     running -> cancel_requested  cancel (the API; the worker winds it down) -> cancelled: finish
     cancel_requested -> cancelled  cancel_abandoned (the reconciler; its worker died)
+    running -> failed            give_up (a worker; every one of its attempts ended with its worker killed)
 
 The functions write in the caller's transaction (a worker's is the one that proves its lease); what may only happen
 once that transaction committed (removing files, sending the webhook) is the caller's next step: announce() an
@@ -27,9 +28,10 @@ from prunekit.core.db import queries
 from prunekit.core.db.models import Artifact, Job, utcnow
 from prunekit.core.ids import new_id
 from prunekit.core.storage import ArtifactStore
-from prunekit.vocabulary import JobStatus
+from prunekit.vocabulary import OUT_OF_MEMORY, JobStatus
 
 log = logging.getLogger("prunekit.lifecycle")
+# The error code of a job given up after its worker was killed on every attempt (give_up).
 
 
 class Outbox(Protocol):
@@ -72,10 +74,11 @@ class StoredFile:
     content_type: str
 
 
-def claim(session: Session, job_id: str, owner: str, lease_s: float,
-          max_running: int) -> Claimed | queries.ClaimOutcome:
-    """queued (or running with an expired lease) -> running for `owner`; otherwise why not."""
-    outcome = queries.claim_job(session, job_id, owner, lease_s, max_running)
+def claim(session: Session, job_id: str, owner: str, lease_s: float, max_running: int,
+          max_attempts: int | None = None) -> Claimed | queries.ClaimOutcome:
+    """queued (or running with an expired lease, fewer than `max_attempts` times) -> running for `owner`; otherwise
+    why not ("exhausted": give_up() it)."""
+    outcome = queries.claim_job(session, job_id, owner, lease_s, max_running, max_attempts)
     if outcome != "claimed":
         return outcome
     job = session.get(Job, job_id)
@@ -148,6 +151,37 @@ def cancel_abandoned(session: Session, job_id: str) -> Ended | None:
     job = session.get(Job, job_id)
     assert job is not None
     return _ended(job)
+
+
+def give_up(session: Session, job_id: str, max_attempts: int) -> Ended | None:
+    """A job whose worker was killed on each of its `max_attempts` attempts ends `failed` (out_of_memory) instead
+    of killing one worker after another. None when someone else ended or took it first. The caller removes its
+    files once this commits, then announces it.
+
+    Why out_of_memory: an attempt that ends without its worker reporting was ended from outside (the kernel's
+    SIGKILL leaves the process no last word, and the service cannot read its supervisor's verdict), and what
+    strikes the same job on every attempt, on any worker, is as a rule the kernel's out-of-memory killer; a deploy,
+    a lost machine or a database outage interrupts an attempt now and then, not each of them. (A native crash on
+    every attempt would read the same: hence "most likely" in the message.)"""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    message = _killed_message(job.attempts, job.progress)
+    if not queries.give_up_job(session, job_id, max_attempts, {"code": OUT_OF_MEMORY, "message": message}):
+        return None
+    session.refresh(job)
+    queries.add_event(session, job_id, message, level="error",
+                      data={"status": JobStatus.FAILED, "error": job.error, "attempts": job.attempts})
+    return _ended(job)
+
+
+def _killed_message(attempts: int, progress: dict[str, Any] | None) -> str:
+    where = ""
+    if progress and progress.get("stage"):
+        where = f" (the last in {progress['stage']}, {progress.get('done')}/{progress.get('total')})"
+    return (f"The job's worker was killed without reporting back on each of its {attempts} attempts{where}, most "
+            "likely for running out of memory; it is not tried again. Use fewer or shorter calibration samples, "
+            "or a worker with more memory.")
 
 
 def announce(outbox: Outbox, ended: Ended | None) -> None:

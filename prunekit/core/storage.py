@@ -1,13 +1,28 @@
-"""Artifact stores: a local folder (embedded default) and any S3-compatible service (boto3)."""
+"""Artifact stores: a local folder (embedded default) and any S3-compatible service (boto3); retries of a store that
+cannot be reached."""
 
 from __future__ import annotations
 
+import logging
+import os
+import random
 import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prunekit.core.config import Settings
+
+log = logging.getLogger("prunekit.storage")
+T = TypeVar("T")
+# Modes of what a LocalStore writes, whatever the writer's umask: the API reads the files a worker stored, and the
+# two may run as different users. Who may reach the store at all is decided by the store root's own mode (and its
+# parent's), which the operator sets; the store never changes a folder it did not create.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 
 
 class ArtifactStore(Protocol):
@@ -36,10 +51,19 @@ class LocalStore:
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
         dest = self.path_for(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.copyfile(path, tmp)
-        tmp.replace(dest)  # readers never see a half-written artifact
+        _make_folders(dest.parent)
+        # An unpredictable name of our own beside the destination (so the rename is atomic): nobody can plant or
+        # guess it, and two writers of one key never share it.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            shutil.copyfile(path, tmp)
+            tmp.chmod(FILE_MODE)  # mkstemp makes it private, and save_pretrained's files may be 0600 too
+            tmp.replace(dest)  # readers never see a half-written artifact
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def download_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +88,20 @@ class LocalStore:
         self.path_for(key).unlink(missing_ok=True)
 
 
+def _make_folders(folder: Path) -> None:
+    """The missing folders up to `folder`, each DIR_MODE whatever the umask; existing ones are left as they are."""
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir()
+        except FileExistsError:  # another writer made it meanwhile
+            continue
+        each.chmod(DIR_MODE)
+
+
 @dataclass
 class S3Store:
     bucket: str
@@ -82,8 +120,10 @@ class S3Store:
 
         return boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=self.region,
+            # A connect timeout well under botocore's 60 s: an endpoint that swallows packets must not hold a call
+            # (five tries) for minutes, or no retry window (retrying) would mean anything.
             config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"},
-                          s3={"addressing_style": "path"}),
+                          connect_timeout=10, s3={"addressing_style": "path"}),
         )
 
     def _full(self, key: str) -> str:
@@ -135,6 +175,69 @@ class S3Store:
                     "ResponseContentDisposition": f'attachment; filename="{filename}"'},
             ExpiresIn=expires_s,
         )
+
+
+class StorageUnavailable(Exception):
+    """The artifact store could not be reached for a whole retry window."""
+
+
+# S3 answers that mean "down or overloaded, ask again later" rather than "this request is wrong".
+_RETRYABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                              "ThrottlingException", "RequestLimitExceeded"})
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an error of a store call says the store cannot be reached (connection refused or closed, timeouts,
+    5xx, throttling), as opposed to a wrong request (a missing key or bucket, access denied). boto3 wraps some
+    errors (S3UploadFailedError), so the chain of causes is searched."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BotoConnectionError | HTTPClientError | IncompleteReadError | ConnectionError
+                      | TimeoutError):
+            return True
+        if isinstance(current, ClientError):
+            error = current.response.get("Error", {})
+            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or error.get("Code") in _RETRYABLE_CODES
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def retrying(call: Callable[[], T], window_s: float, what: str,
+             on_retry: Callable[[BaseException, float], None] | None = None,
+             sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+             first_delay_s: float = 0.5, max_delay_s: float = 8.0) -> T:
+    """call() again, with a growing jittered pause, while the store cannot be reached, for at most window_s from the
+    first failure; StorageUnavailable after that. Other errors are raised at once. on_retry(error, pause) runs before
+    each pause: where a caller checks it may still go on (its lease) and tells the user.
+
+    boto3 retries each call a few times by itself, for under a second against a refused connection and up to
+    S3Store's connect timeout per try against one that never answers, so the last attempt may end after the window."""
+    deadline: float | None = None
+    delay = first_delay_s
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            now = clock()
+            deadline = now + window_s if deadline is None else deadline
+            if now >= deadline:
+                raise StorageUnavailable(f"The artifact store could not be reached for {window_s:g} s while "
+                                         f"{what} ({type(exc).__name__}: {exc}).") from exc
+            # Jitter: workers that lost the store together do not all come back at the same instant.
+            pause = min(delay * random.uniform(0.5, 1.0), deadline - now)
+            log.warning("artifact store unreachable while %s, retrying in %.1f s: %s", what, pause, exc)
+            if on_retry is not None:
+                on_retry(exc, pause)
+            sleep(pause)
+            delay = min(delay * 2, max_delay_s)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -29,6 +29,7 @@ from prunekit.vocabulary.names import (
     METHODS,
     MODEL_FAMILIES,
     MODEL_SCHEMES,
+    OUT_OF_MEMORY,
     PATTERNS,
     RESTORE_METHODS,
     STAGES,
@@ -59,8 +60,8 @@ from prunekit.vocabulary.rules import (
 __all__ = [
     "ALLOCATION", "ALLOCATIONS", "ARCHIVE_LIMITS", "BUILTIN_DATASETS", "CALIBRATION", "DATASET_KINDS",
     "DEFAULT_TOWERS", "DIGITS", "ENDED", "EVALUATION", "GRANULARITIES", "IMAGE_TEXT", "LIMITS", "MAX_SPARSITY_CAP",
-    "MAX_SPARSITY_MARGIN", "MAX_UPLOAD_BYTES", "METHODS", "MODEL_FAMILIES", "MODEL_SCHEMES", "OFFLOAD", "PATTERN",
-    "PATTERNS", "RESTORE", "RESTORE_METHODS", "SPARSITY_TOLERANCE", "STAGES", "TEXT", "TOWERS", "UNIFORM",
+    "MAX_SPARSITY_MARGIN", "MAX_UPLOAD_BYTES", "METHODS", "MODEL_FAMILIES", "MODEL_SCHEMES", "OFFLOAD", "OUT_OF_MEMORY",
+    "PATTERN", "PATTERNS", "RESTORE", "RESTORE_METHODS", "SPARSITY_TOLERANCE", "STAGES", "TEXT", "TOWERS", "UNIFORM",
     "UNSTRUCTURED", "VISION_MODEL_TYPES", "WIKI_EN", "AllocationDefaults", "ArchiveLimits", "CalibrationDefaults",
     "EvaluationDefaults", "JobStatus", "RestoreDefaults", "allocation_decides", "allocation_fits_pattern",
     "default_max_sparsity", "fits_pattern", "fixed_sparsity", "in_open_unit", "nm_pattern", "parse_pattern",

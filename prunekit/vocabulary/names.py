@@ -50,3 +50,10 @@ class JobStatus(StrEnum):
 
 # A job in one of these never changes again.
 ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Job error codes (`error.code` of a failed job) for faults of the worker's surroundings rather than of the request.
+DISK_FULL = "disk_full"  # the worker's scratch disk (WORK_DIR) filled up
+STORAGE_UNAVAILABLE = "storage_unavailable"  # the artifact store stayed unreachable for STORAGE_RETRY_S
+INTERNAL_ERROR = "internal_error"  # anything unexpected
+# The job's worker died without reporting on each of JOB_MAX_ATTEMPTS attempts (as a rule, killed for memory).
+OUT_OF_MEMORY = "out_of_memory"

@@ -56,17 +56,17 @@ def start_service(env_overrides: dict[str, str], tmp: Path, models_root: Path) -
     logs = tmp / "logs"
     logs.mkdir(exist_ok=True)
     service = Service(f"http://127.0.0.1:{port}", key, env, models_root, logs)
-    for name in ("serve", "worker"):
-        start_process(service, name, name)
+    for name, command in (("serve", "serve"), ("worker", "worker"), ("webhooks", "worker --webhooks")):
+        start_process(service, name, command)
     wait_until_ready(service)
     return service
 
 
 def start_process(service: Service, name: str, command: str) -> subprocess.Popen[bytes]:
-    """`prunekit <command>` (serve or worker) with the service's environment, logged to logs/<name>.log;
-    also how a test adds a second worker or brings the API back after stopping it."""
+    """`prunekit <command>` (serve, worker or `worker --webhooks`) with the service's environment, logged to
+    logs/<name>.log; also how a test adds a second worker or brings the API back after stopping it."""
     out = (service.logs / f"{name}.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "prunekit", command], env=service.env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "prunekit", *command.split()], env=service.env, cwd=ROOT,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     service.processes[name] = proc
     return proc
@@ -144,7 +144,7 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     if request.param != "embedded":
         import redis
 
-        redis.Redis.from_url(REDIS_URL).delete(queue)
+        redis.Redis.from_url(REDIS_URL).delete(queue, f"{queue}-webhooks")
 
 
 def run_job(service: Service, body: dict[str, Any]) -> dict[str, Any]:

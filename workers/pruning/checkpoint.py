@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers.pruning.files import write_whole
 from workers.pruning.models import Tower
 from workers.pruning.spec import PruneSpec, spec_record
 
@@ -54,10 +55,7 @@ class FolderFiles:
     root: Path
 
     def put(self, name: str, path: Path) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / f"{name}.partial"
-        shutil.copyfile(path, partial)
-        partial.replace(self.root / name)
+        write_whole(self.root / name, lambda tmp: shutil.copyfile(path, tmp))
 
     def get(self, name: str, dest: Path) -> bool:
         if not (self.root / name).is_file():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.pruning.files import open_to_readers
 from workers.pruning.spec import JobError
 
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
@@ -372,11 +373,18 @@ def save_pretrained_folder(model: Any, tokenizer: Any, dest: Path, source: Path 
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(dest)
-    if source is not None and source.is_dir():
-        for name in PROCESSOR_FILES:
-            if (source / name).is_file() and not (dest / name).exists():
-                shutil.copyfile(source / name, dest / name)
+    try:
+        model.save_pretrained(dest, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(dest)
+        if source is not None and source.is_dir():
+            for name in PROCESSOR_FILES:
+                if (source / name).is_file() and not (dest / name).exists():
+                    shutil.copyfile(source / name, dest / name)
+    except BaseException:
+        if created:  # half a model (a full disk, most often) is no model: its files would only take the space
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    open_to_readers(dest)  # safetensors writes 0600; the folder is read by the API, perhaps as another user

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Connection, DateTime, Row, Select, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from prunekit.core.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
 from prunekit.core.ids import new_id
@@ -171,24 +174,54 @@ def active_jobs_using_dataset(session: Session, tenant_id: str, dataset_id: str)
 # --- Leases: the database decides which worker runs a job -------------------------------------------------
 
 ACTIVE = (JobStatus.RUNNING, JobStatus.CANCEL_REQUESTED)  # a worker holds (or held) the job's lease
-ClaimOutcome = Literal["claimed", "capped", "skipped", "missing"]
+# exhausted: the job's last attempt ended without its worker reporting, and it has had its attempts (give_up_job).
+ClaimOutcome = Literal["claimed", "capped", "skipped", "missing", "exhausted"]
 
 
-def _ts(value: datetime) -> Any:
-    # Typed so that SQLite stores and compares it in the same text format as the DateTime columns.
-    return literal(value, DateTime(timezone=True))
+class database_time(FunctionElement[datetime]):
+    """The database server's clock, read by the statement itself, plus `seconds`: every lease is written and
+    compared on this one clock, so workers whose own clocks disagree (by minutes, even) still agree on whose lease
+    is live. One value per statement (Postgres' statement_timestamp(); SQLite's 'now' holds for one step)."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "database_time"
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(database_time)
+def _database_time(element: database_time, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(statement_timestamp() + {seconds} * interval '1 second')"
+
+
+@compiles(database_time, "sqlite")
+def _database_time_sqlite(element: database_time, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite keeps DateTime columns as text, 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: the same text (microseconds
+    # padded from SQLite's milliseconds), so that comparisons with the columns stay comparisons of times.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds}))"
+
+
+def database_now(session: Session) -> datetime:
+    """The database's clock, for a caller that reasons about times the database wrote (leases, enqueued_at)."""
+    return aware(session.execute(select(database_time())).scalar_one())
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_s: float, max_running: int,
-              now: datetime | None = None) -> ClaimOutcome:
+              max_attempts: int | None = None) -> ClaimOutcome:
     """Takes the job for `owner`: queued, or running with an expired lease (its worker died) -> running.
 
     One conditional UPDATE, so two workers racing for a job cannot both win. The tenant's cap is part of the
     same statement; on Postgres the tenant row is locked first, because under READ COMMITTED two claims for
     different jobs of one tenant would otherwise both count the other's claim as not yet there. SQLite runs
-    one writer at a time, which gives the same guarantee. The caller commits.
+    one writer at a time, which gives the same guarantee. The lease is written and compared on the database's
+    clock (database_time), never the worker's. A job whose lease expired after `max_attempts` attempts is not
+    taken again ("exhausted"). The caller commits.
     """
-    now = now or utcnow()
+    now = database_time()
     tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
     if tenant_id is None:
         return "missing"
@@ -199,35 +232,38 @@ def claim_job(session: Session, job_id: str, owner: str, lease_s: float, max_run
     other = select(Job.id).where(Job.tenant_id == tenant_id, Job.id != job_id, Job.status.in_(ACTIVE),
                                  Job.lease_expires_at >= now).subquery()
     running_others = select(func.count()).select_from(other).scalar_subquery()
+    retry = and_(Job.status == JobStatus.RUNNING, expired)  # its worker died (or lost the lease)
+    if max_attempts is not None:
+        retry = and_(retry, Job.attempts < max_attempts)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, expired)),
-               running_others < max_running)
-        .values(status=JobStatus.RUNNING, lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
-                heartbeat_at=now, started_at=func.coalesce(Job.started_at, _ts(now)), attempts=Job.attempts + 1)
+        .where(Job.id == job_id, or_(Job.status == JobStatus.QUEUED, retry), running_others < max_running)
+        .values(status=JobStatus.RUNNING, lease_owner=owner, lease_expires_at=database_time(lease_s),
+                heartbeat_at=now, started_at=func.coalesce(Job.started_at, now), attempts=Job.attempts + 1)
         .execution_options(synchronize_session=False))
     if result.rowcount == 1:  # type: ignore[attr-defined]
         return "claimed"
-    row = session.execute(select(Job.status, Job.lease_expires_at).where(Job.id == job_id)).one()
-    waiting = row.status == JobStatus.QUEUED or (row.status == JobStatus.RUNNING
-                                                 and _expired(row.lease_expires_at, now))
-    return "capped" if waiting else "skipped"
+    row = session.execute(select(Job.status, expired.label("expired"), Job.attempts).where(Job.id == job_id)).one()
+    abandoned = row.status == JobStatus.RUNNING and bool(row.expired)
+    if abandoned and max_attempts is not None and row.attempts >= max_attempts:
+        return "exhausted"
+    return "capped" if row.status == JobStatus.QUEUED or abandoned else "skipped"
 
 
 def touch_lease(session: Session, job_id: str, owner: str, lease_s: float) -> bool:
     """Renews the lease if `owner` still holds it. The row stays locked until the caller's commit, so the
-    writes that follow in the same transaction cannot interleave with another worker's claim."""
-    now = utcnow()
+    writes that follow in the same transaction cannot interleave with another worker's claim. A lease that ran out
+    while nobody else claimed the job (the database was down, say) is still the owner's to renew."""
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-        .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
+        .values(lease_expires_at=database_time(lease_s), heartbeat_at=database_time())
         .execution_options(synchronize_session=False))
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None) -> bool:
+def cancel_abandoned(session: Session, job_id: str) -> bool:
     """A cancellation requested of a worker that then died: nobody is left to wind it down, so end it here."""
-    now = now or utcnow()
+    now = database_time()
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.CANCEL_REQUESTED,
                           or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
@@ -243,6 +279,22 @@ def cancel_abandoned(session: Session, job_id: str, now: datetime | None = None)
     return True
 
 
+def give_up_job(session: Session, job_id: str, max_attempts: int, error: dict[str, str]) -> bool:
+    """running, its lease expired after `max_attempts` attempts -> failed with `error`: every attempt ended without
+    its worker reporting, so another would most likely end the same way. A compare-and-set: of the workers and
+    reconcilers that may see the job at once, one ends it. The caller adds the event and commits."""
+    now = database_time()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts >= max_attempts,
+                          or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+        .values(status=JobStatus.FAILED, finished_at=now, error=error, lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))  # a failed job has no artifacts
+    return True
+
+
 @dataclass(frozen=True)
 class Unsent:
     """A job that may have no message in the broker, and when one was last sent."""
@@ -253,14 +305,15 @@ class Unsent:
     enqueued_at: datetime | None
 
 
-def jobs_to_resend(session: Session, queued_before: datetime, now: datetime) -> list[Unsent]:
-    """Queued jobs last sent before `queued_before`, and running or cancelling jobs whose lease expired."""
+def jobs_to_resend(session: Session, queued_before: datetime) -> list[Unsent]:
+    """Queued jobs last sent before `queued_before`, and running or cancelling jobs whose lease expired (on the
+    database's clock)."""
     queued = select(Job.id, Job.status, Job.created_at, Job.enqueued_at).where(
         Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < queued_before))
     expired = select(Job.id, Job.status, func.coalesce(Job.lease_expires_at, Job.created_at), Job.enqueued_at).where(
-        Job.status.in_(ACTIVE), or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+        Job.status.in_(ACTIVE), or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < database_time()))
     rows = [*session.execute(queued.order_by(Job.id)), *session.execute(expired.order_by(Job.id))]
-    return [Unsent(r[0], r[1], aware(r[2] or now), aware(r[3]) if r[3] else None) for r in rows]
+    return [Unsent(r[0], r[1], aware(r[2]), aware(r[3]) if r[3] else None) for r in rows]
 
 
 def mark_enqueued(session: Session, job_id: str, previous: datetime | None, now: datetime | None) -> bool:
@@ -279,7 +332,3 @@ def note_enqueued(session: Session, job_id: str, now: datetime) -> None:
 def aware(value: datetime) -> datetime:
     """SQLite hands timestamps back without a zone; every one is stored in UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _expired(lease_expires_at: datetime | None, now: datetime) -> bool:
-    return lease_expires_at is None or aware(lease_expires_at) < now

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from workers.pruning.allocation.plan import cache_options, raw_scores, score_inputs
 from workers.pruning.checkpoint import digest_path
+from workers.pruning.files import write_whole
 from workers.pruning.models import Tower
 from workers.pruning.multimodal import ModelAdapter
 from workers.pruning.sequential import ModelInputs
@@ -98,7 +98,4 @@ class FolderScoreCache:
         return value if isinstance(value, dict) else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / f"{key}.json.partial"
-        partial.write_text(json.dumps(value), encoding="utf-8")
-        os.replace(partial, self.root / f"{key}.json")  # readers never see half a file
+        write_whole(self.root / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(value), encoding="utf-8"))
