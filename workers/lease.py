@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
-from prunekit.core.db.session import session_factory, session_scope
+from prunekit.core.db.session import session_factory, session_scope, transaction
 from prunekit.core.periodic import Periodic
 
 log = logging.getLogger("prunekit.worker")
@@ -75,15 +75,8 @@ class Lease:
         """A transaction that first proves (and renews) the lease; nothing in it commits if the lease is gone.
         Opening it waits (patiently) for a database that cannot be reached."""
         self.check()
-        session = self.patiently(self._open, "proving the lease")
-        try:
+        with transaction(self.patiently(self._open, "proving the lease")) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def write(self, write: Callable[[Session], T], what: str) -> T:
         """write(session) in a lease-proving transaction, the whole transaction tried again while the database

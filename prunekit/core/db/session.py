@@ -60,7 +60,13 @@ def read_session_factory(settings: Settings | None = None) -> sessionmaker[Sessi
 
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
-    session = session_factory(settings)()
+    with transaction(session_factory(settings)()) as session:
+        yield session
+
+
+@contextmanager
+def transaction(session: Session) -> Iterator[Session]:
+    """What the block wrote, committed; rolled back if it raised; the session closed either way."""
     try:
         yield session
         session.commit()
