@@ -7,7 +7,7 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,3 +156,16 @@ def run_job(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     job = wait_until_ended(service.http, submitted.json()["id"], service)
     assert job["status"] == "succeeded", f"{job['error']}{service.log_tail()}"
     return job
+
+
+@contextmanager
+def service_with_model(build: Callable[[Path], object], stem: str, tmp: Path,
+                       models_root: Path) -> Iterator[tuple[Service, str]]:
+    """The embedded stack with a model of its own, built by `build` into the shared models root, and its name."""
+    name = f"{stem}-{secrets.token_hex(3)}"
+    build(models_root / name)
+    service = start_service({"QUEUE_NAME": f"prunekit-it-{secrets.token_hex(4)}"}, tmp, models_root)
+    try:
+        yield service, name
+    finally:
+        stop_service(service)

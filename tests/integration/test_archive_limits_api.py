@@ -6,14 +6,13 @@ Before the worker read uploads with the API's settings, an archive above the eng
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from prunekit.fixtures.demo_models import build_tiny_clip
-from tests.integration.conftest import Service, start_service, stop_service
+from tests.integration.conftest import Service, service_with_model
 from tests.integration.test_job_flow import wait_until_ended
 from tests.unit.test_archive_limits import OLD_ENGINE_MAX_MEMBERS, many_images_zip
 
@@ -21,14 +20,9 @@ from tests.unit.test_archive_limits import OLD_ENGINE_MAX_MEMBERS, many_images_z
 @pytest.fixture(scope="module")
 def clip_service(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[tuple[Service, str]]:
     """The embedded stack with a tiny CLIP of its own in the shared models root."""
-    name = f"tiny-clip-{secrets.token_hex(3)}"
-    build_tiny_clip(models_root / name)
-    service = start_service({"QUEUE_NAME": f"prunekit-it-{secrets.token_hex(4)}"},
-                            tmp_path_factory.mktemp("archive-limits"), models_root)
-    try:
-        yield service, name
-    finally:
-        stop_service(service)
+    tmp = tmp_path_factory.mktemp("archive-limits")
+    with service_with_model(build_tiny_clip, "tiny-clip", tmp, models_root) as running:
+        yield running
 
 
 def test_an_archive_above_the_engines_old_member_limit_calibrates_a_job(clip_service: tuple[Service, str],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prunekit.fixtures.demo_models import build_tiny_llava
-from tests.integration.conftest import Service, start_service, stop_service
+from tests.integration.conftest import Service, service_with_model
 from tests.integration.test_job_flow import download_artifacts, wait_until_ended
 from tests.unit.test_vision_calibration import image_text_zip
 from workers.pruning.models import find_towers, load_model, prunable_layers, weight_matrix
@@ -23,14 +23,9 @@ SMALL = {"calibration": {"num_samples": 4, "seq_len": 32}, "evaluation": {"num_s
 @pytest.fixture(scope="module")
 def llava_service(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[tuple[Service, str]]:
     """The embedded stack with a tiny LLaVA of its own in the shared models root."""
-    name = f"tiny-llava-{secrets.token_hex(3)}"
-    build_tiny_llava(models_root / name)
-    service = start_service({"QUEUE_NAME": f"prunekit-it-{secrets.token_hex(4)}"},
-                            tmp_path_factory.mktemp("families"), models_root)
-    try:
-        yield service, name
-    finally:
-        stop_service(service)
+    tmp = tmp_path_factory.mktemp("families")
+    with service_with_model(build_tiny_llava, "tiny-llava", tmp, models_root) as running:
+        yield running
 
 
 def test_llava_language_only_job_succeeds_and_leaves_vision_dense(llava_service: tuple[Service, str],
