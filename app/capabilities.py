@@ -3,17 +3,24 @@ share them. The names themselves live in prunekit.vocabulary, which the engine r
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prunekit.core.config import Settings
 from prunekit.vocabulary import (
+    ALLOCATION,
     ALLOCATIONS,
+    BUDGET,
+    BUDGET_BOUNDS,
     BUILTIN_DATASETS,
+    BUILTIN_TASKS,
+    GRANULARITIES,
     LIMITS,
     METHODS,
     MODEL_FAMILIES,
     MODEL_SCHEMES,
     PATTERNS,
+    PERTURBATIONS,
     RESTORE_METHODS,
     TOWERS,
     VISION_MODEL_TYPES,
@@ -36,7 +43,10 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
                    "zip_members": archive.max_members, "zip_uncompressed_bytes": archive.max_total_bytes,
                    "zip_member_bytes": archive.max_member_bytes, "zip_compression_ratio": archive.max_ratio,
                    "zip_text_chars": archive.max_text_chars,
-                   "running_jobs_per_tenant": settings.max_running_jobs_per_tenant}
+                   "running_jobs_per_tenant": settings.max_running_jobs_per_tenant,
+                   # a tenant's model archive (POST /v1/models)
+                   "model_upload_bytes": settings.max_model_upload_bytes, "model_files": settings.max_model_files,
+                   "model_bytes": settings.max_model_bytes}
     return {
         "object": "capabilities",
         "methods": list(METHODS),
@@ -46,5 +56,13 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
         "model_families": list(MODEL_FAMILIES),
         "model_schemes": [f"{s}:" for s in MODEL_SCHEMES],
         "datasets": [{"id": k, "kind": v} for k, v in BUILTIN_DATASETS.items()],
+        # the built-in tasks of evaluation.tasks (an uploaded task file is named by its id).
+        "tasks": list(BUILTIN_TASKS),
         "limits": limits,
+        # Quality-budget jobs: the bounds a `budget` may name, and its grid's defaults.
+        "budget": {"bounds": list(BUDGET_BOUNDS), "min_sparsity": BUDGET.min_sparsity,
+                   "max_sparsity": BUDGET.max_sparsity, "step": BUDGET.step},
+        # what allocation_options may choose, and the defaults of the options (the papers' own).
+        "allocation_options": {"granularities": list(GRANULARITIES), "perturbations": list(PERTURBATIONS),
+                               "defaults": {k: v for k, v in asdict(ALLOCATION).items() if k != "name"}},
     }

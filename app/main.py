@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import artifacts, datasets, jobs, streams, system, webhooks
+from app.api import artifacts, datasets, jobs, models, streams, system, webhooks
 from app.auth import KeyCache
 from app.dashboard import install_dashboard
 from app.errors import install_error_handlers
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.include_router(streams.router)
     app.include_router(artifacts.router)
     app.include_router(datasets.router)
+    app.include_router(models.router)
     app.include_router(system.router)
     app.include_router(webhooks.router)
     install_dashboard(app)

@@ -30,6 +30,7 @@ _JOB_READS = (("GetJob", "get", "/v1/jobs/{job_id}"), ("CancelJob", "post", "/v1
               ("ListJobArtifacts", "get", "/v1/jobs/{job_id}/artifacts"))
 _DATASET_USES = (("GetDataset", "get", "/v1/datasets/{dataset_id}"),
                  ("DeleteDataset", "delete", "/v1/datasets/{dataset_id}"))
+_MODEL_USES = (("GetModel", "get", "/v1/models/{model_id}"), ("DeleteModel", "delete", "/v1/models/{model_id}"))
 _ARTIFACT_READS = (("GetArtifact", "get", "/v1/artifacts/{artifact_id}"),
                    ("DownloadArtifact", "get", "/v1/artifacts/{artifact_id}/content"))
 LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
@@ -37,6 +38,7 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = 
     ("post", "/v1/jobs/{job_id}/cancel", "200"): {name: (m, p, {"job_id": _ID}) for name, m, p in _JOB_READS},
     ("get", "/v1/jobs/{job_id}", "200"): {name: (m, p, {"job_id": _ID}) for name, m, p in _JOB_READS[1:]},
     ("post", "/v1/datasets", "201"): {name: (m, p, {"dataset_id": _ID}) for name, m, p in _DATASET_USES},
+    ("post", "/v1/models", "201"): {name: (m, p, {"model_id": _ID}) for name, m, p in _MODEL_USES},
     ("get", "/v1/jobs/{job_id}/artifacts", "200"): {name: (m, p, {"artifact_id": _FIRST})
                                                     for name, m, p in _ARTIFACT_READS},
     ("get", "/v1/artifacts/{artifact_id}", "200"): {name: (m, p, {"artifact_id": _ID})
@@ -49,6 +51,12 @@ _DATASET_EXAMPLE = {"file": "The first calibration text.\nThe second one.\n", "n
 _DATASET_FILE_ENCODING = {
     "headers": {"Content-Disposition": {"schema": {"type": "string"},
                                         "example": 'form-data; name="file"; filename="data.txt"'}},
+}
+
+
+_MODEL_FILE_ENCODING = {
+    "headers": {"Content-Disposition": {"schema": {"type": "string"},
+                                        "example": 'form-data; name="file"; filename="model.zip"'}},
 }
 
 
@@ -97,6 +105,9 @@ def with_problem_responses(schema: dict[str, Any]) -> dict[str, Any]:
     upload = schema["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]
     upload["encoding"] = {"file": _DATASET_FILE_ENCODING}
     upload["example"] = _DATASET_EXAMPLE
+    # A model archive is sent as a file part whose name says the archive's kind (app/api/models.py).
+    model_upload = schema["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    model_upload["encoding"] = {"file": _MODEL_FILE_ENCODING}
     return schema
 
 

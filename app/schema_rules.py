@@ -20,9 +20,10 @@ _NULL = {"type": "null"}
 def job_rules(schema: dict[str, Any]) -> None:
     """Adds the cross-field rules to JobCreate's JSON schema (pydantic calls it with the generated schema)."""
     rules: list[dict[str, Any]] = [
-        # The route: sparsity is required unless a sweep gives the sparsities.
+        # The route: sparsity is required unless a sweep gives the sparsities or a budget searches for one.
         {"anyOf": [{"required": ["sparsity"], "properties": {"sparsity": {"type": "number"}}},
-                   {"required": ["sweep"], "properties": {"sweep": {"type": "object"}}}]},
+                   {"required": ["sweep"], "properties": {"sweep": {"type": "object"}}},
+                   {"required": ["budget"], "properties": {"budget": {"type": "object"}}}]},
         # _options_fit: a uniform allocation (also the default) takes no options; `{}` and null are accepted.
         {"if": {"properties": {"allocation": {"const": UNIFORM}}},
          "then": {"properties": {"allocation_options": {"anyOf": [_NULL, {"type": "object", "maxProperties": 0}]}}}},
@@ -33,6 +34,7 @@ def job_rules(schema: dict[str, Any]) -> None:
         {"if": {"required": ["offload"], "properties": {"offload": {"const": True}}},
          "then": {"properties": {"restore": _NULL}}},
     ]
+    rules += _budget_rules()
     for pattern in PATTERNS:
         fixed = fixed_sparsity(pattern)
         if fixed is None:
@@ -47,10 +49,25 @@ def job_rules(schema: dict[str, Any]) -> None:
                 "sparsity": {"anyOf": [_NULL, fitting]},
                 "targets": {"anyOf": [_NULL, {"type": "object", "additionalProperties": fitting}]},
                 "sweep": _NULL,
+                "budget": _NULL,  # _budget_alone: a budget has nothing to search either
                 "allocation": {"const": UNIFORM},
             }},
         })
     schema["allOf"] = rules
+
+
+def _budget_rules() -> list[dict[str, Any]]:
+    """_budget_alone: a budget gives no sparsity, sweep or targets beside it, and its bound's metric
+    stays measured."""
+    budget = {"required": ["budget"], "properties": {"budget": {"type": "object"}}}
+    rules: list[dict[str, Any]] = [
+        {"if": budget, "then": {"properties": {"sparsity": _NULL, "sweep": _NULL, "targets": _NULL}}}]
+    for bound, measured in (("max_perplexity_ratio", "perplexity"), ("max_accuracy_drop", "accuracy")):
+        rules.append({
+            "if": {"required": ["budget"], "properties": {"budget": {
+                "type": "object", "required": [bound], "properties": {bound: {"type": "number"}}}}},
+            "then": {"properties": {"evaluation": {"properties": {measured: {"const": True}}}}}})
+    return rules
 
 
 @cache

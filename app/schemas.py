@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Row
 
@@ -16,6 +16,9 @@ from prunekit.core.documents import epoch, job_document
 from prunekit.vocabulary import (
     ALLOCATION,
     ALLOCATIONS,
+    BUDGET,
+    BUDGET_BOUNDS,
+    BUILTIN_TASKS,
     CALIBRATION,
     EVALUATION,
     GRANULARITIES,
@@ -23,6 +26,7 @@ from prunekit.vocabulary import (
     OFFLOAD,
     PATTERN,
     PATTERNS,
+    PERTURBATIONS,
     RESTORE,
     RESTORE_METHODS,
     UNIFORM,
@@ -41,30 +45,40 @@ MethodName = Literal[METHODS]  # type: ignore[valid-type]
 PatternName = Literal[PATTERNS]  # type: ignore[valid-type]
 AllocationName = Literal[ALLOCATIONS]  # type: ignore[valid-type]
 GranularityName = Literal[GRANULARITIES]  # type: ignore[valid-type]
+PerturbationName = Literal[PERTURBATIONS]  # type: ignore[valid-type]
 RestoreMethodName = Literal[RESTORE_METHODS]  # type: ignore[valid-type]
 JobStatusName = Literal[tuple(status.value for status in JobStatus)]  # type: ignore[valid-type]
 
 # Each pattern is published in the OpenAPI document as the validators below apply it (with fullmatch: a
 # trailing newline never slips past `$`), so that what the schema allows is what the server accepts. They use only
 # what ECMA 262 and Python's `re` read alike.
+S3_URL_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?"
+# a tenant's model by its id (mdl_...), and a finished job's pruned model (job:<id>[/sparsity-<s>]).
+TENANT_MODEL_REF = r"mdl_[0-9A-Z]{26}"
+JOB_MODEL_REF = r"job:job_[0-9A-Z]{26}(/sparsity-[0-9][0-9.e-]{0,15})?"
 MODEL_REF_PATTERN = (r"^(local:[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
                      r"|hf:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,128})?"
-                     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?)$")
+                     rf"|{S3_URL_PATTERN}|{TENANT_MODEL_REF}|{JOB_MODEL_REF})$")
 # No form of reference has a `..` (a path out of the models root or the bucket prefix; Hugging Face forbids it in
 # names and git in revisions): the schema says so with `not`, as lookarounds are not portable.
 _PARENT = ".."
 JOB_ID_PATTERN = r"^job_[0-9A-Z]{26}$"
 DATASET_ID_PATTERN = r"^ds_[0-9A-Z]{26}$"
 ARTIFACT_ID_PATTERN = r"^art_[0-9A-Z]{26}$"
+MODEL_ID_PATTERN = r"^mdl_[0-9A-Z]{26}$"
 DATASET_REF_PATTERN = "^(" + "|".join([*caps.BUILTIN_DATASETS, DATASET_ID_PATTERN.strip("^$")]) + ")$"
 LAYER_SUFFIX_PATTERN = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+# evaluation.tasks items, a built-in task or an uploaded task file.
+TASK_REF_PATTERN = "^(" + "|".join([*BUILTIN_TASKS, DATASET_ID_PATTERN.strip("^$")]) + ")$"
+_TASK_REF = re.compile(TASK_REF_PATTERN)
 WEBHOOK_URL_CHARS = 2000
 METADATA_KEY_CHARS = 64
 _MODEL_REF = re.compile(MODEL_REF_PATTERN)
 _DATASET_ID = re.compile(DATASET_ID_PATTERN)
 _LAYER_SUFFIX = re.compile(LAYER_SUFFIX_PATTERN)
 _IDS = {prefix: re.compile(pattern) for prefix, pattern in
-        (("job", JOB_ID_PATTERN), ("ds", DATASET_ID_PATTERN), ("art", ARTIFACT_ID_PATTERN))}
+        (("job", JOB_ID_PATTERN), ("ds", DATASET_ID_PATTERN), ("art", ARTIFACT_ID_PATTERN),
+         ("mdl", MODEL_ID_PATTERN))}
 
 
 def is_id(prefix: str, value: str) -> bool:
@@ -76,8 +90,9 @@ def is_id(prefix: str, value: str) -> bool:
 def check_model_ref(ref: str) -> str:
     if not _MODEL_REF.fullmatch(ref) or _PARENT in ref:
         raise ValueError(
-            "must be local:<name> (a model under the server's models root), hf:<org>/<name>[@revision] "
-            "or s3://bucket/prefix"
+            "must be local:<name> (a model under the server's models root), hf:<org>/<name>[@revision], "
+            "s3://bucket/prefix, a model of yours (mdl_...) or a finished job's model (job:<id>, "
+            "job:<id>/sparsity-<s> for a sweep)"
         )
     return ref
 
@@ -114,9 +129,38 @@ class Evaluation(Strict):
                                        "dense and pruned (metrics.accuracy)")
     num_samples: int = Field(EVALUATION.num_samples, ge=1, le=caps.LIMITS["evaluation_num_samples"])
     seq_len: int = Field(EVALUATION.seq_len, ge=16, le=caps.LIMITS["evaluation_seq_len"])
+    # multiple-choice tasks scored dense and pruned by log-likelihood (lm-eval), in metrics.tasks.
+    tasks: list[str] = Field(default_factory=lambda: list(EVALUATION.tasks), max_length=caps.LIMITS["evaluation_tasks"],
+                             description="language models: builtin:wiki-next-sentence or an uploaded task file "
+                                         "(ds_..., kind task); zero-shot acc and acc_norm, dense and pruned "
+                                         "(metrics.tasks)",
+                             json_schema_extra={"uniqueItems": True, "items": {"type": "string",
+                                                                               "pattern": TASK_REF_PATTERN}})
+    task_num_samples: int = Field(EVALUATION.task_num_samples, ge=1, le=caps.LIMITS["evaluation_task_num_samples"],
+                                  description="items per task: the built-in task draws this many, an uploaded "
+                                              "file's first this many are scored")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not _TASK_REF.fullmatch(ref):
+                raise ValueError(f"unknown task {ref!r}; use an uploaded task file's id (ds_...) or one of: "
+                                 f"{', '.join(BUILTIN_TASKS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("tasks must be distinct")
+        return value
+
+
+def _block_perturbation_rule(schema: dict[str, Any]) -> None:
+    # _block_needs_block: perturbation block scores whole blocks, so the granularity stays block.
+    schema["if"] = {"required": ["perturbation"], "properties": {"perturbation": {"const": "block"}}}
+    schema["then"] = {"properties": {"granularity": {"const": "block"}}}
 
 
 class AllocationOptions(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_block_perturbation_rule)
+
     granularity: GranularityName = Field(ALLOCATION.granularity, description="one sparsity per block or per layer")
     max_sparsity: float | None = Field(ALLOCATION.max_sparsity, gt=0, lt=1,
                                        description="ECoFLaP: no group is pruned beyond this; default target + 0.1")
@@ -129,6 +173,23 @@ class AllocationOptions(Strict):
                                     description="owl: M, outliers exceed M x the mean score")
     spread: float = Field(ALLOCATION.spread, ge=0, lt=0.5,
                           description="owl: lambda, sparsities in [s - lambda, s + lambda]")
+    # --- allocation options of alphapruning, dlp and ecoflap-zeroth ---
+    perturbation: PerturbationName = Field(
+        ALLOCATION.perturbation, description="ecoflap-zeroth: one random direction per weight matrix (tensor) or "
+                                             "per block (block: 7x fewer forward passes on Llama; granularity block)")
+    epsilon: float = Field(ALLOCATION.epsilon, ge=0, lt=1,
+                           description="alphapruning: sparsities proportional to [1 - epsilon, 1 + epsilon], mapped "
+                                       "from each block's heavy-tail exponent")
+    alpha: float = Field(ALLOCATION.alpha, ge=0, lt=0.5,
+                         description="dlp: sparsities in [s - alpha, s + alpha], from each block's median "
+                                     "|W| x ||X|| score")
+
+    @field_validator("perturbation")
+    @classmethod
+    def _block_needs_block(cls, value: str, info: ValidationInfo) -> str:
+        if value == "block" and info.data.get("granularity", ALLOCATION.granularity) != "block":
+            raise ValueError("block scores whole blocks: it needs granularity block")
+        return value
 
 
 class Sweep(Strict):
@@ -214,16 +275,52 @@ class Webhook(Strict):
         return value
 
 
+# --- quality-budget jobs ---------------------------------------------------------------------------
+
+
+def _one_bound(schema: dict[str, Any]) -> None:
+    # What _exactly_one_bound accepts: one of the two bounds as a number (the other left out or null).
+    schema["oneOf"] = [{"required": [name], "properties": {name: {"type": "number"}}} for name in BUDGET_BOUNDS]
+
+
+class Budget(Strict):
+    """The highest sparsity whose pruned model keeps a quality bound, measured on the evaluation data."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_bound)
+
+    max_perplexity_ratio: float | None = Field(
+        None, gt=1, le=1e6, allow_inf_nan=False,
+        description="language models: pruned perplexity / dense perplexity at most this")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False,
+        description="CLIP-style models: dense zero-shot accuracy - pruned accuracy at most this")
+    min_sparsity: float = Field(BUDGET.min_sparsity, gt=0, lt=1, description="the lowest sparsity searched")
+    max_sparsity: float = Field(BUDGET.max_sparsity, gt=0, lt=1,
+                                description="the highest sparsity searched (at least min_sparsity)")
+    step: float = Field(BUDGET.step, ge=0.001, le=0.5,
+                        description="the grid's spacing: min_sparsity, min_sparsity + step, ..., max_sparsity")
+
+    @model_validator(mode="after")
+    def _exactly_one_bound(self) -> Budget:
+        if (self.max_perplexity_ratio is None) == (self.max_accuracy_drop is None):
+            raise ValueError("names exactly one bound: max_perplexity_ratio (language models) or max_accuracy_drop "
+                             "(CLIP-style models)")
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(f"min_sparsity ({self.min_sparsity}) is above max_sparsity ({self.max_sparsity})")
+        return self
+
+
 class JobCreate(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _job_schema(schema))
 
-    model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix",
+    model: str = Field(description="local:<name> | hf:<org>/<name>[@revision] | s3://bucket/prefix | mdl_... (a model "
+                                   "of yours, GET /v1/models) | job:<id>[/sparsity-<s>] (a finished job's model)",
                        json_schema_extra={"pattern": MODEL_REF_PATTERN, "not": {"pattern": r"\.\."}})
     method: MethodName
     # pattern comes before sparsity so that sparsity's validator can see it (fields validate in order).
     pattern: PatternName = PATTERN
     # Required, except with a sweep (it is then the sweep's lowest sparsity): the route checks that.
-    sparsity: float | None = Field(None, gt=0, lt=1, description="required unless a sweep is given")
+    sparsity: float | None = Field(None, gt=0, lt=1, description="required unless a sweep or a budget is given")
     allocation: AllocationName = ALLOCATION.name
     allocation_options: AllocationOptions | None = Field(None, validate_default=True)
     targets: dict[str, float] | None = Field(None, json_schema_extra={
@@ -240,6 +337,9 @@ class JobCreate(Strict):
         "maxProperties": caps.LIMITS["metadata_keys"], "propertyNames": {"maxLength": METADATA_KEY_CHARS},
         "additionalProperties": {"type": "string", "maxLength": caps.LIMITS["metadata_value_chars"]}})
     webhook: Webhook | None = None
+    # Last, so that its validator sees every other field.
+    budget: Budget | None = Field(None, description="search the highest sparsity within a quality bound instead of "
+                                                    "giving `sparsity`")
 
     @field_validator("model")
     @classmethod
@@ -290,7 +390,7 @@ class JobCreate(Strict):
     def _options_fit(cls, value: AllocationOptions | None, info: ValidationInfo) -> AllocationOptions | None:
         allocation, pattern = info.data.get("allocation"), info.data.get("pattern")
         if allocation == UNIFORM and value is not None and value.model_fields_set:
-            raise ValueError("only applies to a non-uniform allocation (ecoflap-zeroth, ecoflap-first, owl)")
+            raise ValueError(f"only applies to a non-uniform allocation ({', '.join(ALLOCATIONS[1:])})")
         if allocation and allocation_decides(allocation):
             value = value or AllocationOptions()
             if not allocation_fits_pattern(allocation, pattern):
@@ -340,6 +440,29 @@ class JobCreate(Strict):
             raise ValueError(f"keys up to {METADATA_KEY_CHARS} characters, values up to {longest}")
         return value
 
+    @field_validator("budget")
+    @classmethod
+    def _budget_alone(cls, value: Budget | None, info: ValidationInfo) -> Budget | None:
+        """A budget chooses the one sparsity of every tower itself: nothing else may give one."""
+        if value is None:
+            return value
+        clashes = [name for name in ("sparsity", "sweep", "targets") if info.data.get(name) is not None]
+        if clashes:
+            raise ValueError(f"cannot be combined with {' or '.join(clashes)}: the budget search chooses the sparsity")
+        pattern = info.data.get("pattern")
+        if not sweep_fits_pattern(pattern):
+            raise ValueError(f"pattern {pattern} fixes the sparsity; a budget has nothing to search")
+        evaluation = info.data.get("evaluation")
+        if value.max_perplexity_ratio is not None and evaluation is not None and not evaluation.perplexity:
+            raise ValueError("max_perplexity_ratio is measured on the evaluation windows: evaluation.perplexity "
+                             "must stay on")
+        if value.max_accuracy_drop is not None and evaluation is not None and not evaluation.accuracy:
+            raise ValueError("max_accuracy_drop is measured as zero-shot accuracy: evaluation.accuracy must stay on")
+        options = info.data.get("allocation_options")
+        if options is not None and options.max_sparsity is not None and options.max_sparsity < value.max_sparsity:
+            raise ValueError(f"budget.max_sparsity ({value.max_sparsity}) is above allocation_options.max_sparsity "
+                             f"({options.max_sparsity})")
+        return value
 
 
 def _job_schema(schema: dict[str, Any]) -> None:
@@ -418,7 +541,7 @@ class DatasetOut(BaseModel):
     id: str
     object: Literal["dataset"] = "dataset"
     name: str
-    kind: Literal["text", "image-text"]
+    kind: Literal["text", "image-text", "task"]  # task: an uploaded task file
     num_records: int
     size_bytes: int
     sha256: str
@@ -434,6 +557,39 @@ class DatasetList(BaseModel):
 def dataset_out(ds: Dataset) -> DatasetOut:
     return DatasetOut(id=ds.id, name=ds.name, kind=ds.kind, num_records=ds.num_records,  # type: ignore[arg-type]
                       size_bytes=ds.size_bytes, sha256=ds.sha256, created_at=epoch(ds.created_at) or 0)
+
+
+# --- the models API (GET/POST /v1/models) -----------------------------------------------------------------
+
+
+class ModelError(BaseModel):
+    code: str
+    message: str
+
+
+class ModelOut(BaseModel):
+    id: str | None = Field(description="mdl_... for a model of yours; null for the server's models")
+    object: Literal["model"] = "model"
+    ref: str = Field(description="the value of a job's `model` that names this model")
+    name: str
+    owner: Literal["server", "tenant"]
+    source: str = Field(description="server, upload, or the registered s3:// prefix")
+    status: Literal["ready", "building", "failed"]
+    ready: bool
+    family: str | None
+    model_type: str | None
+    parameters: int | None
+    towers: list[str]
+    dtype: str | None
+    size_bytes: int | None
+    error: ModelError | None = None
+    created_at: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+    has_more: bool
 
 
 class ProblemOut(BaseModel):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit.core.config import Settings, get_settings
 from prunekit.keys import create_key
-from prunekit.models_root import BUILT_IN_MODELS, import_model
+from prunekit.models_root import BACKGROUND_DEMO_MODELS, BUILT_IN_MODELS, import_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="migrate, import demo models, start API + worker, run the main job, keep serving")
     up.add_argument("--model", default="local:smollm2-135m")
     up.add_argument("--exit-after-demo", action="store_true", help="stop everything once the main job ends")
+    up.add_argument("--demo-models", default=",".join(BUILT_IN_MODELS),
+                    help="built-in models to make available, comma-separated (default: all; "
+                         f"{', '.join(BACKGROUND_DEMO_MODELS)} are built in the background)")
 
     from prunekit import jobs_cli
 
@@ -88,12 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         root = settings.models_root
         assert root is not None
-        for folder in sorted(root.iterdir()) if root.exists() else []:
-            print(f"local:{folder.name}")
+        from prunekit.core.model_builds import building
+
+        pending = building(root)
+        names = {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.exists() else set()
+        for name in sorted(names | set(pending)):  # hidden names are temporary folders and the build markers
+            state = pending[name].get("error", "building") if name in pending else ""
+            print(f"local:{name}" + (f"  (not ready: {state})" if state else ""))
         return 0
     from prunekit.up import run_up
 
-    return run_up(settings, args.model, args.exit_after_demo)
+    demo_models = [name.strip() for name in args.demo_models.split(",") if name.strip()]
+    unknown = sorted(set(demo_models) - set(BUILT_IN_MODELS))
+    if unknown:
+        parser.error(f"--demo-models: {', '.join(unknown)} not built in (choose from {', '.join(BUILT_IN_MODELS)})")
+    return run_up(settings, args.model, args.exit_after_demo, demo_models)
 
 
 def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:

@@ -132,8 +132,13 @@ def list_jobs(client: Client, status: str | None, limit: int) -> int:
     for job in page["data"]:
         fraction = (job.get("progress") or {}).get("fraction", 0.0)
         req = job["request"]
+        # A budget job has no requested sparsity: the one it chose once it has, else "budget".
+        sparsity = req.get("sparsity")
+        if sparsity is None:
+            sparsity = ((job.get("metrics") or {}).get("budget") or {}).get("chosen_sparsity")
+        shown = f"{sparsity:>8.2f}" if sparsity is not None else f"{'budget':>8}"
         print(f"{job['id']:<34} {job['status']:<17} {req['model'][:28]:<28} {req['method']:<10} "
-              f"{req['sparsity']:>8.2f} {fraction:>8.0%}")
+              f"{shown} {fraction:>8.0%}")
     return 0
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from prunekit.core.config import Settings
 
-DEMO_MODELS = ("tiny-llama", "smollm2-135m")  # what `up` imports
-# Also built in, on request only: digits-clip trains for about two minutes.
-BUILT_IN_MODELS = (*DEMO_MODELS, "digits-clip", "llava-smollm2")
+DEMO_MODELS = ("tiny-llama", "smollm2-135m")  # what `up` imports before it starts the service
+# The vision-language demo models, which `up` builds in the background once the service runs: digits-clip trains
+# for about two minutes, and llava-smollm2 is assembled from SmolLM2 and digits-clip's vision tower.
+BACKGROUND_DEMO_MODELS = ("digits-clip", "llava-smollm2")
+BUILT_IN_MODELS = (*DEMO_MODELS, *BACKGROUND_DEMO_MODELS)
 
 
 def import_model(settings: Settings, name: str, source: Path | None, force: bool = False) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 
 from prunekit.core.config import Settings
 from prunekit.vocabulary import ALLOCATION, PATTERN, ArchiveLimits
-from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, PruneSpec, RestoreSpec
+from workers.pruning.spec import AllocationSpec, BudgetSpec, CalibrationSpec, EvaluationSpec, PruneSpec, RestoreSpec
 
 
 def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> PruneSpec:
@@ -17,7 +17,9 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
     return PruneSpec(
         model_dir=model_dir,
         method=request["method"],
-        sparsity=float(request["sparsity"]),
+        # A budget job's sparsity is null in the request (the search chooses it): the grid's lowest stands in.
+        sparsity=float(request["sparsity"] if request.get("sparsity") is not None
+                       else request["budget"]["min_sparsity"]),
         pattern=request.get("pattern", PATTERN),
         calibration=CalibrationSpec(**request.get("calibration", {}), archive_limits=limits),
         evaluation=EvaluationSpec(**request.get("evaluation", {})),
@@ -28,6 +30,7 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
                                   **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
         sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),
         restore=restore_spec(request.get("restore"), limits),
+        budget=BudgetSpec(**request["budget"]) if request.get("budget") else None,
     )
 
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from prunekit.core import lifecycle
 from prunekit.core.config import Settings
 from prunekit.core.db import queries
 from prunekit.core.db.session import session_factory, session_scope, transaction
@@ -49,7 +50,7 @@ def database_down(exc: BaseException) -> bool:
 
 def new_owner() -> str:
     # One id per claim, not per process: a process that loses a job and claims it again is a new holder.
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    return f"{lifecycle.owner_prefix(socket.gethostname(), os.getpid())}{uuid.uuid4().hex[:12]}"
 
 
 class Lease:

@@ -18,7 +18,13 @@ from prunekit.core.storage import ArtifactStore, make_store
 from prunekit.queue import QueueOutbox
 from prunekit.vocabulary import JobStatus
 from workers import checkpoints, failures
-from workers.inputs import name_datasets_as_submitted, resolve_datasets, resolve_model
+from workers.inputs import (
+    name_datasets_as_submitted,
+    name_model_as_submitted,
+    note_model_failure,
+    resolve_datasets,
+    resolve_model,
+)
 from workers.job_spec import build_spec
 from workers.lease import DatabaseUnavailable, Lease, LeaseLost, database_down, new_owner
 from workers.pruning.pipeline import run as run_pipeline
@@ -68,13 +74,15 @@ def _run(lease: Lease, claimed: lifecycle.Claimed, scratch: Path, outbox: lifecy
     store: ArtifactStore | None = None
     try:
         store = make_store(settings)  # the job's one store: every file it reads or writes goes through it
-        spec = build_spec(request, resolve_model(request["model"], settings, scratch / "source"), settings)
+        source = resolve_model(request["model"], settings, scratch / "source", tenant_id=tenant_id, store=store)
+        spec = build_spec(request, source, settings)
         spec = resolve_datasets(spec, tenant_id, settings, store, scratch)
         result = run_pipeline(spec, scratch / "model", on_progress=lambda p: _record_progress(lease, p),
                               should_cancel=lambda: _cancel_requested(lease),
                               checkpoint=checkpoints.checkpoint_for(lease, store, tenant_id, scratch / "checkpoint"),
                               score_cache=StoreScoreCache.for_tenant(store, tenant_id, scratch / "score-cache"))
         name_datasets_as_submitted(result.report, request)
+        name_model_as_submitted(result.report, request)
         _record_progress(lease, Progress("uploading", 0, 1, "Uploading the pruned model."))
         report_path = scratch / "report.json"
         report_path.write_text(json.dumps(result.report, indent=2, sort_keys=True))
@@ -92,6 +100,7 @@ def _run(lease: Lease, claimed: lifecycle.Claimed, scratch: Path, outbox: lifecy
         assert store is not None  # only the engine, which runs with the store, cancels
         lifecycle.drop_files(store, tenant_id, job_id)  # only once the lease proved the job is ours to end
     except JobError as exc:
+        note_model_failure(request, tenant_id, settings, exc)
         _drop_files(lease, store, tenant_id)
         _end(lease, outbox, JobStatus.FAILED, exc.message, error={"code": exc.code, "message": exc.message})
     except (LeaseLost, DatabaseUnavailable):

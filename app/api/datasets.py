@@ -44,8 +44,9 @@ def _too_large(settings: Settings) -> Problem:
 
 @router.post("", status_code=201, response_model=DatasetOut)
 def upload_dataset(request: Request, session: SessionDep, principal: PrincipalDep, settings: SettingsDep,
-                   file: Annotated[UploadFile, File(description=".txt, .jsonl (a \"text\" field per line) or an "
-                                                                "image-text .zip with data.jsonl and images")],
+                   file: Annotated[UploadFile, File(description=".txt, .jsonl (a \"text\" field per line; or a "
+                                                                "task file: \"context\", \"choices\", \"answer\") "
+                                                                "or an image-text .zip with data.jsonl and images")],
                    name: Annotated[str | None, Form(max_length=NAME_CHARS, pattern=NO_NUL_PATTERN)] = None,
                    ) -> DatasetOut:
     reject_oversized(request, settings)

@@ -8,7 +8,13 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prunekit.vocabulary import ARCHIVE_LIMITS, MAX_UPLOAD_BYTES, ArchiveLimits
+from prunekit.vocabulary import (
+    ARCHIVE_LIMITS,
+    MAX_MODEL_UPLOAD_BYTES,
+    MAX_UPLOAD_BYTES,
+    MODEL_ARCHIVE_LIMITS,
+    ArchiveLimits,
+)
 
 
 class Settings(BaseSettings):
@@ -64,6 +70,10 @@ class Settings(BaseSettings):
     max_caption_chars: int = ARCHIVE_LIMITS.max_text_chars
     max_image_pixels: int = ARCHIVE_LIMITS.max_image_pixels
     max_dataset_pixels: int = ARCHIVE_LIMITS.max_total_pixels
+    # A tenant's model (POST /v1/models): the archive's size (413 above it), its files and their expanded bytes.
+    max_model_upload_bytes: int = MAX_MODEL_UPLOAD_BYTES
+    max_model_files: int = MODEL_ARCHIVE_LIMITS.max_members
+    max_model_bytes: int = MODEL_ARCHIVE_LIMITS.max_total_bytes
     # Reliability: a worker holds a job by a lease in the database, renewed every job_lease_s / 3; a lease
     # left to expire (the worker died) lets the reconciler hand the job to another worker.
     job_lease_s: float = 60.0
@@ -113,6 +123,11 @@ class Settings(BaseSettings):
                              max_member_bytes=self.max_zip_member_bytes, max_ratio=self.max_zip_compression_ratio,
                              max_text_chars=self.max_caption_chars, max_image_pixels=self.max_image_pixels,
                              max_total_pixels=self.max_dataset_pixels)
+
+    def model_archive_limits(self) -> ArchiveLimits:
+        """What a tenant's model archive may hold (POST /v1/models)."""
+        return ArchiveLimits(max_members=self.max_model_files, max_total_bytes=self.max_model_bytes,
+                             max_member_bytes=self.max_model_bytes, max_ratio=MODEL_ARCHIVE_LIMITS.max_ratio)
 
     @property
     def is_sqlite(self) -> bool:

@@ -3,6 +3,7 @@
     {tenant}/{job}/attempt-{n}/...      a job's published files, one folder per attempt
     {tenant}/{job}/checkpoints/...      the engine's checkpoints while the job runs
     {tenant}/datasets/{dataset}/{file}  an uploaded dataset
+    {tenant}/models/{model}/{file}      a tenant's uploaded model (an HF folder, flat)
     {tenant}/score-cache/...            allocation scores, shared by the tenant's jobs
 
 Everything a job stores lies under its job prefix, so removing that prefix removes all of it; a tenant's datasets
@@ -51,3 +52,7 @@ def dataset_key(tenant_id: str, dataset_id: str, file_name: str) -> str:
 
 def score_cache_prefix(tenant_id: str) -> str:
     return f"{tenant_id}/score-cache"
+
+
+def model_prefix(tenant_id: str, model_id: str) -> str:
+    return f"{tenant_id}/models/{model_id}"

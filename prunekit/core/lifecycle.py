@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from prunekit.core import layout
@@ -214,3 +214,36 @@ def drop_checkpoints(store: ArtifactStore, tenant_id: str, job_id: str) -> None:
 
 def _ended(job: Job) -> Ended:
     return Ended(job.id, job.tenant_id, JobStatus(job.status), bool(job.request.get("webhook")))
+
+
+# --- a worker process seen dying by its supervisor (`prunekit up`) --------------------------------------------
+
+
+def owner_prefix(hostname: str, pid: int) -> str:
+    """How every lease owner that process `pid` on `hostname` writes begins (workers/lease.py's new_owner): its
+    supervisor, which saw the process die, finds the jobs it held by it."""
+    return f"{hostname}:{pid}:"
+
+
+def worker_died(session: Session, prefix: str, how: str, restart_in_s: float) -> list[str]:
+    """The jobs held by a worker process that its supervisor saw end (`how`: "killed by SIGKILL"): each gets an
+    event saying so, and its lease expires now instead of up to JOB_LEASE_S later, so that the restarted worker's
+    reconciler hands it on (it resumes from its last checkpoint) as soon as it starts. A compare-and-set on the
+    owner: a job another worker claimed meanwhile is left alone. The caller commits."""
+    held = select(Job.id, Job.attempts).where(Job.status.in_(queries.ACTIVE),
+                                             Job.lease_owner.startswith(prefix, autoescape=True))
+    released = []
+    for job_id, attempts in session.execute(held).all():
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_(queries.ACTIVE),
+                              Job.lease_owner.startswith(prefix, autoescape=True))
+            .values(lease_expires_at=queries.database_time(-1.0))
+            .execution_options(synchronize_session=False))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        queries.add_event(session, job_id, f"The worker running this job stopped ({how}); it is restarted in "
+                          f"{restart_in_s:.0f} s and takes the job up again from its last checkpoint.",
+                          level="warning", data={"worker_exit": how, "restart_in_s": restart_in_s,
+                                                 "attempt": attempts})
+        released.append(job_id)
+    return released

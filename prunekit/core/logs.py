@@ -28,6 +28,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
+    """JSON lines on stderr: the terminal of `prunekit serve` or `worker` run by hand, a file under var/log/ when
+    `prunekit up` runs them. Python warnings (a library's deprecation notes) become log lines too."""
+    logging.captureWarnings(True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

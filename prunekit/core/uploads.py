@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from prunekit.vocabulary import ArchiveLimits
+from prunekit.vocabulary import TASK, ArchiveLimits, task_record_problem
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 ARCHIVE_SUFFIX = ".zip"
@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass(frozen=True)
 class CheckedUpload:
-    kind: str  # "text" | "image-text"
+    kind: str  # "text" | "image-text" | "task"
     num_records: int
     stored_name: str  # data.txt | data.jsonl | data.zip: the name the worker reads it by
 
@@ -38,11 +38,49 @@ def check_upload(path: Path, filename: str, limits: ArchiveLimits) -> CheckedUpl
     suffix = PurePosixPath(filename).suffix.lower()
     if suffix == ".txt":
         return CheckedUpload("text", _count_text_records(path, limits), "data.txt")
+    if suffix == ".jsonl" and _is_task_file(path):
+        return CheckedUpload(TASK, _count_task_items(path, limits), "data.jsonl")
     if suffix == ".jsonl":
         return CheckedUpload("text", _count_jsonl_records(path, limits, "text"), "data.jsonl")
     if suffix == ARCHIVE_SUFFIX:
         return CheckedUpload("image-text", _check_archive(path, limits), "data.zip")
-    raise InvalidUpload(f"{filename!r} is not a .txt, .jsonl (a \"text\" field per line) or image-text .zip file.")
+    raise InvalidUpload(f"{filename!r} is not a .txt, .jsonl (a \"text\" field per line, or a task: \"context\", "
+                        "\"choices\" and \"answer\") or image-text .zip file.")
+
+
+# --- task files (multiple-choice items for evaluation.tasks) ---------------------------------------
+_TASK_FIELDS = ("context", "choices", "answer")
+
+
+def _is_task_file(path: Path) -> bool:
+    """A .jsonl whose first record has task fields and no "text" is a task file; anything else is read as text
+    (and a first line that is no JSON object is refused there)."""
+    with path.open("rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return False
+            return isinstance(record, dict) and "text" not in record and any(f in record for f in _TASK_FIELDS)
+    return False
+
+
+def _count_task_items(path: Path, limits: ArchiveLimits) -> int:
+    return _count_lines(path, limits, _check_task_item, "the file holds no items.")
+
+
+def _check_task_item(line: str, number: int) -> None:
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidUpload(f"line {number} is not valid JSON ({exc.msg}).") from None
+    problem = task_record_problem(record)
+    if problem is not None:
+        raise InvalidUpload(f"line {number}: {problem}.")
 
 
 def _count_text_records(path: Path, limits: ArchiveLimits) -> int:

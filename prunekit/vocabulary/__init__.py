@@ -6,19 +6,30 @@ once and cannot drift between the side that accepts a job and the side that runs
 
 from prunekit.vocabulary.defaults import (
     ALLOCATION,
+    BUDGET,
     CALIBRATION,
     EVALUATION,
     OFFLOAD,
     PATTERN,
     RESTORE,
     AllocationDefaults,
+    BudgetDefaults,
     CalibrationDefaults,
     EvaluationDefaults,
     RestoreDefaults,
 )
-from prunekit.vocabulary.limits import ARCHIVE_LIMITS, LIMITS, MAX_UPLOAD_BYTES, ArchiveLimits
+from prunekit.vocabulary.limits import (
+    ARCHIVE_LIMITS,
+    LIMITS,
+    MAX_MODEL_UPLOAD_BYTES,
+    MAX_UPLOAD_BYTES,
+    MODEL_ARCHIVE_LIMITS,
+    ArchiveLimits,
+)
 from prunekit.vocabulary.names import (
     ALLOCATIONS,
+    BUDGET_BOUNDS,
+    BUDGET_UNREACHABLE,
     BUILTIN_DATASETS,
     DATASET_KINDS,
     DEFAULT_TOWERS,
@@ -26,13 +37,18 @@ from prunekit.vocabulary.names import (
     ENDED,
     GRANULARITIES,
     IMAGE_TEXT,
+    JOB_MODEL_SCHEME,
     METHODS,
     MODEL_FAMILIES,
+    MODEL_ID_PREFIX,
     MODEL_SCHEMES,
+    MODEL_STATUSES,
     OUT_OF_MEMORY,
     PATTERNS,
+    PERTURBATIONS,
     RESTORE_METHODS,
     STAGES,
+    SWEEP_FOLDER,
     TEXT,
     TOWERS,
     UNIFORM,
@@ -52,9 +68,11 @@ from prunekit.vocabulary.rules import (
     fixed_sparsity,
     in_open_unit,
     nm_pattern,
+    parse_job_model_ref,
     parse_pattern,
     same_sparsity,
     sweep_fits_pattern,
+    sweep_folder,
 )
 
 __all__ = [
@@ -66,4 +84,18 @@ __all__ = [
     "EvaluationDefaults", "JobStatus", "RestoreDefaults", "allocation_decides", "allocation_fits_pattern",
     "default_max_sparsity", "fits_pattern", "fixed_sparsity", "in_open_unit", "nm_pattern", "parse_pattern",
     "same_sparsity", "sweep_fits_pattern",
+    # Quality-budget jobs.
+    "BUDGET", "BUDGET_BOUNDS", "BUDGET_UNREACHABLE", "BudgetDefaults",
+    # Tenant models and chained jobs.
+    "JOB_MODEL_SCHEME", "MAX_MODEL_UPLOAD_BYTES", "MODEL_ARCHIVE_LIMITS", "MODEL_ID_PREFIX", "MODEL_STATUSES",
+    "SWEEP_FOLDER", "parse_job_model_ref", "sweep_folder",
+    # Task accuracy.
+    "BUILTIN_TASKS", "TASK", "TASK_LIMITS", "WIKI_NEXT_SENTENCE", "task_record_problem",
+    # ecoflap-zeroth's directions.
+    "PERTURBATIONS",
 ]
+
+# --- task accuracy ---------------------------------------------------------------------------------
+from prunekit.vocabulary.limits import TASK_LIMITS  # noqa: E402
+from prunekit.vocabulary.names import BUILTIN_TASKS, TASK, WIKI_NEXT_SENTENCE  # noqa: E402
+from prunekit.vocabulary.rules import task_record_problem  # noqa: E402

@@ -23,6 +23,10 @@ class EvaluationDefaults:
     accuracy: bool = True
     num_samples: int = 64
     seq_len: int = 512
+    # multiple-choice tasks scored dense and pruned (builtin:wiki-next-sentence or ds_... task files),
+    # and how many items of each: the built-in task draws this many, an uploaded file's first this many are used.
+    tasks: tuple[str, ...] = ()
+    task_num_samples: int = 100
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class AllocationDefaults:
     eps: float = 1e-3
     outlier_multiple: float = 5.0
     spread: float = 0.08
+    # ecoflap-zeroth's directions (one per matrix, as before); AlphaPruning's epsilon (its code's default,
+    # --epsilon 0.3, and its LLaMA-2-7B Wanda script's); DLP's alpha (its code's default and every script's, 0.15).
+    perturbation: str = "tensor"
+    epsilon: float = 0.3
+    alpha: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,18 @@ class RestoreDefaults:
     warmup_steps: int = 10
 
 
+@dataclass(frozen=True)
+class BudgetDefaults:
+    # Quality-budget jobs (`budget`): the grid of sparsities searched, min_sparsity to max_sparsity by step.
+    min_sparsity: float = 0.1
+    max_sparsity: float = 0.9
+    step: float = 0.01
+
+
 CALIBRATION = CalibrationDefaults()
 EVALUATION = EvaluationDefaults()
 ALLOCATION = AllocationDefaults()
 RESTORE = RestoreDefaults()
+BUDGET = BudgetDefaults()
 PATTERN = UNSTRUCTURED
 OFFLOAD = False

@@ -22,6 +22,9 @@ LIMITS: dict[str, int] = {
     "metadata_keys": 16,
     "metadata_value_chars": 512,
     "list_page_size": 100,
+    # evaluation.tasks and the items scored of each.
+    "evaluation_tasks": 8,
+    "evaluation_task_num_samples": 2000,
 }
 
 # An uploaded file's size (POST /v1/datasets); a bigger body answers 413.
@@ -47,3 +50,18 @@ class ArchiveLimits:
 
 
 ARCHIVE_LIMITS = ArchiveLimits()
+
+
+# --- a tenant's model (POST /v1/models): an archive of an HF folder --------------------------------------
+# The upload itself (a bigger body answers 413), and what its archive may hold; safetensors barely compress, so
+# the expanded size is about the upload's.
+MAX_MODEL_UPLOAD_BYTES = 8 * 2**30
+MODEL_ARCHIVE_LIMITS = ArchiveLimits(max_members=256, max_total_bytes=8 * 2**30, max_member_bytes=8 * 2**30,
+                                     max_ratio=200.0)
+
+
+# --- one item of an uploaded task file (the API checks them at upload, the engine as it reads them) -
+TASK_LIMITS: dict[str, int] = {
+    "choices": 26,  # choices of one item
+    "chars": 20_000,  # characters of one item's context or of one choice
+}

@@ -12,7 +12,9 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 UNSTRUCTURED = "unstructured"
 PATTERNS = (UNSTRUCTURED, "2:4", "4:8")
 UNIFORM = "uniform"
-ALLOCATIONS = (UNIFORM, "ecoflap-zeroth", "ecoflap-first", "owl")
+ALLOCATIONS = (UNIFORM, "ecoflap-zeroth", "ecoflap-first", "owl", "alphapruning", "dlp")
+# ecoflap-zeroth: one random direction per weight matrix, or one per block (allocation_options.perturbation).
+PERTURBATIONS = ("tensor", "block")
 # One sparsity per block, or per layer (allocation_options.granularity).
 GRANULARITIES = ("block", "layer")
 RESTORE_METHODS = ("sparse-lora", "lora")
@@ -32,11 +34,22 @@ BUILTIN_DATASETS = {WIKI_EN: TEXT, DIGITS: IMAGE_TEXT}
 MODEL_FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "clip", "llava", "blip-2")
 # config.json model_type of the families with a vision tower: the only ones an image-text dataset can calibrate.
 VISION_MODEL_TYPES = ("clip", "llava", "blip-2")
-MODEL_SCHEMES = ("local", "hf", "s3")
+MODEL_SCHEMES = ("local", "hf", "s3", "job")
+# --- models a tenant brings (POST /v1/models) and chained jobs --------------------------------------------
+# A tenant's model is named in a job's `model` by its id, as an uploaded dataset is: mdl_<ULID>.
+MODEL_ID_PREFIX = "mdl"
+# A finished job's pruned model as another job's input: job:<id>, or job:<id>/sparsity-<s> for one of a sweep's.
+JOB_MODEL_SCHEME = "job"
+SWEEP_FOLDER = "sparsity-"
+# What GET /v1/models says of a model: usable now, still being built (a server model), or refused by the worker.
+MODEL_STATUSES = ("ready", "building", "failed")
 
 # The engine's stages, in the order a job passes them (scoring and restoring only when asked for).
-STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "pruning", "restoring", "evaluation_pruned",
-          "saving")
+# budget_search: a budget job's probes, each a pruning pass (reported under `pruning`) and a measurement.
+STAGES = ("loading", "calibration", "evaluation_dense", "scoring", "budget_search", "pruning", "restoring",
+          "evaluation_pruned", "saving")
+# The quality bounds a budget job may name (`budget`): one of them.
+BUDGET_BOUNDS = ("max_perplexity_ratio", "max_accuracy_drop")
 
 
 class JobStatus(StrEnum):
@@ -57,3 +70,12 @@ STORAGE_UNAVAILABLE = "storage_unavailable"  # the artifact store stayed unreach
 INTERNAL_ERROR = "internal_error"  # anything unexpected
 # The job's worker died without reporting on each of JOB_MAX_ATTEMPTS attempts (as a rule, killed for memory).
 OUT_OF_MEMORY = "out_of_memory"
+# A budget job whose lowest sparsity already breaks its quality bound.
+BUDGET_UNREACHABLE = "budget_unreachable"
+
+# --- task accuracy (evaluation.tasks) --------------------------------------------------------------
+# An uploaded .jsonl of multiple-choice items ({"context", "choices", "answer"}) is a dataset of this kind.
+TASK = "task"
+# The built-in task: the true next sentence of a held-out wiki-en article among four.
+WIKI_NEXT_SENTENCE = "builtin:wiki-next-sentence"
+BUILTIN_TASKS = (WIKI_NEXT_SENTENCE,)

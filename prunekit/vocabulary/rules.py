@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from prunekit.vocabulary.names import UNIFORM, UNSTRUCTURED
+from prunekit.vocabulary.names import JOB_MODEL_SCHEME, SWEEP_FOLDER, UNIFORM, UNSTRUCTURED
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 # Two sparsities closer than this are the same request (a float sent as 0.5 may arrive as 0.49999999999).
@@ -77,3 +77,50 @@ def sweep_fits_pattern(pattern: str | None) -> bool:
 def default_max_sparsity(target: float) -> float:
     """ECoFLaP's cap when allocation_options.max_sparsity is left out: the target + 0.1, below 1."""
     return min(target + MAX_SPARSITY_MARGIN, MAX_SPARSITY_CAP)
+
+
+# --- chained jobs -----------------------------------------------------------------------------------------
+
+
+def parse_job_model_ref(ref: str) -> tuple[str, str | None] | None:
+    """`job:<id>` -> (id, None); `job:<id>/sparsity-<s>` -> (id, "<s>" as written); None for another reference."""
+    if not ref.startswith(f"{JOB_MODEL_SCHEME}:"):
+        return None
+    job_id, _, folder = ref.removeprefix(f"{JOB_MODEL_SCHEME}:").partition("/")
+    return job_id, folder.removeprefix(SWEEP_FOLDER) if folder else None
+
+
+def sweep_folder(sparsity: float) -> str:
+    """The folder of a sweep's pruned model at this sparsity, as the engine names it (and its artifacts)."""
+    return f"{SWEEP_FOLDER}{sparsity:g}"
+
+
+# --- task files ------------------------------------------------------------------------------------
+
+
+def task_record_problem(record: object, limits: dict[str, int] | None = None) -> str | None:
+    """What is wrong with one item of a task file ({"context": str, "choices": [str, ...], "answer": int}), naming
+    the field; None when nothing is. The API checks an upload with it and the engine every file it reads."""
+    from prunekit.vocabulary.limits import TASK_LIMITS
+
+    limits = limits or TASK_LIMITS
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    context, choices, answer = record.get("context"), record.get("choices"), record.get("answer")
+    if not isinstance(context, str):
+        return "field 'context' must be a string (the text the choices continue)"
+    if len(context) > limits["chars"]:
+        return f"field 'context' has {len(context)} characters; at most {limits['chars']}"
+    if not isinstance(choices, list) or not 2 <= len(choices) <= limits["choices"]:
+        return f"field 'choices' must be a list of 2 to {limits['choices']} strings"
+    for index, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice.strip():
+            return f"field 'choices' item {index} must be a non-empty string"
+        if len(choice) > limits["chars"]:
+            return f"field 'choices' item {index} has {len(choice)} characters; at most {limits['chars']}"
+    if len(set(choices)) != len(choices):
+        return "field 'choices' holds the same choice twice (the answer would be ambiguous)"
+    # bool is an int in Python and JSON's true would pass as 1: refused, it is surely a mistake.
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        return f"field 'answer' must be the index of the right choice, an integer from 0 to {len(choices) - 1}"
+    return None

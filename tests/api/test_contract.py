@@ -97,6 +97,13 @@ checks.positive_data_acceptance.expected-statuses = {accepted}
 # bytes on the wire ("false" is a fine text file), so the server cannot tell and rightly accepts it. Everything
 # else of this operation is checked; the `name` field's rules by tests/api/test_contract_fixes.py as well.
 checks.negative_data_rejection.enabled = false
+
+[[operations]]
+include-path = "/v1/models"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = {accepted}
+# As for datasets: a file part is bytes on the wire, whatever JSON type the mutation gave it.
+checks.negative_data_rejection.enabled = false
 """
 
 

@@ -102,7 +102,7 @@ def test_capabilities_list_what_the_server_runs(client: TestClient, auth: dict[s
     caps = client.get("/v1/capabilities", headers=auth).json()
     assert caps["methods"] == ["magnitude", "wanda", "sparsegpt"]
     assert "unstructured" in caps["patterns"]
-    assert caps["allocations"] == ["uniform", "ecoflap-zeroth", "ecoflap-first", "owl"]
+    assert caps["allocations"] == ["uniform", "ecoflap-zeroth", "ecoflap-first", "owl", "alphapruning", "dlp"]
     assert caps["restorations"] == ["sparse-lora", "lora"]
     assert {"id": "builtin:wiki-en", "kind": "text"} in caps["datasets"]
 

@@ -106,9 +106,9 @@ def screenshot(driver: Any, name: str, full_page: bool = False) -> Path:
     return path
 
 
-def publish_docs_screenshot(path: Path) -> None:
-    """With UPDATE_DOCS_SCREENSHOT=1, copies a screenshot to docs/dashboard.png (the README's picture);
-    never otherwise, so that a test run leaves the work tree clean."""
+def publish_docs_screenshot(path: Path, name: str = "dashboard.png") -> None:
+    """With UPDATE_DOCS_SCREENSHOT=1, copies a screenshot to docs/NAME (the README's pictures); never
+    otherwise, so that a test run leaves the work tree clean."""
     if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(path, ROOT / "docs" / "dashboard.png")
+        shutil.copyfile(path, ROOT / "docs" / name)

@@ -426,3 +426,60 @@ def test_a_sweep_with_an_allocation_from_the_form_draws_its_curve(driver: Any, d
     set_value(driver, "sweep.sparsities", "0.5, 1.5")
     driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
     wait(driver, 10, "the sweep field marked invalid", css(".field.invalid[data-field='sweep.sparsities']"))
+
+
+def test_a_vision_language_job_with_targets_and_a_budget_job_with_its_probes(driver: Any,
+                                                                             dashboard_service: Service) -> None:
+    """The form offers a two-tower model's towers from GET /v1/models and sends `targets`; a budget job's page
+    draws every probe with the bound and the chosen sparsity."""
+    from prunekit.fixtures.demo_models import build_tiny_clip
+
+    name = "tiny-clip-e2e"
+    if not (dashboard_service.models_root / name).exists():
+        build_tiny_clip(dashboard_service.models_root / name)
+    sign_in(driver, dashboard_service)
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/new")
+    wait(driver, 10, "the capabilities in the form", css("form.job-form[data-ready='true']"))
+    set_value(driver, "model", f"local:{name}")
+    driver.find_element(By.NAME, "sparsity").click()  # leaves the model field: the form looks the model up
+    vision = wait(driver, 15, "the vision tower's row", css("input[data-tower='vision']"))
+    vision.click()
+    set_value(driver, "targets.vision", "0.5")
+    driver.find_element(By.CSS_SELECTOR, "input[data-tower='language']").click()
+    set_value(driver, "targets.language", "0.3")
+    set_value(driver, "calibration.num_samples", "4")
+    set_value(driver, "evaluation.num_samples", "2")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
+    vlm_id = re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+    try:
+        wait(driver, 120, "the VLM job to succeed", css("main[data-status='succeeded'] #artifacts table"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{dashboard_service.log_tail()}") from exc
+    vlm = dashboard_service.http.get(f"/v1/jobs/{vlm_id}").json()
+    assert vlm["request"]["targets"] == {"vision": 0.5, "language": 0.3}
+    per_tower = vlm["metrics"]["sparsity"]["per_tower"]
+    assert per_tower["vision"] == pytest.approx(0.5, abs=1e-3) and per_tower["language"] == pytest.approx(0.3, abs=1e-3)
+
+    submitted = dashboard_service.http.post("/v1/jobs", json={
+        "model": "local:tiny-llama", "method": "wanda",
+        "budget": {"max_perplexity_ratio": 1.005, "min_sparsity": 0.3, "max_sparsity": 0.8},
+        "calibration": {"num_samples": 4, "seq_len": 32}, "evaluation": {"num_samples": 2, "seq_len": 32}})
+    assert submitted.status_code == 201, submitted.text
+    budget_id = submitted.json()["id"]
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/jobs/{budget_id}")
+    try:
+        wait(driver, 120, "the budget chart", css("main[data-status='succeeded'] #budget-chart svg.budget-chart"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{dashboard_service.log_tail()}") from exc
+    budget = dashboard_service.http.get(f"/v1/jobs/{budget_id}").json()["metrics"]["budget"]
+    points = driver.find_elements(By.CSS_SELECTOR, "#budget-chart circle.budget-point")
+    assert len(points) == len(budget["probes"]) >= 2
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#budget-chart circle.budget-point.chosen")) == 1
+    publish_docs_screenshot(screenshot(driver, "budget", full_page=True), "dashboard-budget.png")
+
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/jobs")
+    wait(driver, 10, "the jobs table", css(".jobs-table"))
+    wait(driver, 10, "both jobs in the table", lambda d: all(
+        d.find_elements(By.CSS_SELECTOR, f"[data-job-id='{job}']") for job in (vlm_id, budget_id)))
+    publish_docs_screenshot(screenshot(driver, "jobs-vlm-budget"), "dashboard-jobs.png")

@@ -504,6 +504,9 @@ def test_connections_opened_together_spread_over_the_api_processes(make_service:
     the first process to wake accepted every waiting connection and the other stayed idle."""
     service = make_service(API_WORKERS="2")
     port = int(service.base_url.rsplit(":", 1)[1])
+    # /readyz answers as soon as one process listens; on a busy machine the second may still be starting.
+    wait_for(lambda: len(connections_by_process(service.processes["serve"].pid, port, "0A")) == 2, 30,
+             "both API processes listening")
     request = (f"GET /v1/capabilities HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                f"Authorization: Bearer {service.api_key}\r\n\r\n").encode()
     clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
@@ -520,13 +523,14 @@ def test_connections_opened_together_spread_over_the_api_processes(make_service:
     assert min(per_process.values()) >= 3 and sum(per_process.values()) == 20, per_process
 
 
-def connections_by_process(process_group: int, port: int) -> dict[int, int]:
-    """Established connections to `port` held by each process of a process group (from /proc)."""
+def connections_by_process(process_group: int, port: int, state: str = "01") -> dict[int, int]:
+    """Sockets on `port` in `state` (01: established connections, 0A: listening) held by each process of a
+    process group (from /proc)."""
     established = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 established.add(fields[9])  # the socket's inode
     counts: dict[int, int] = {}
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):

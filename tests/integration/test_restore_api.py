@@ -80,3 +80,19 @@ def test_plain_lora_reports_the_sparsity_it_lost_and_uploads_restore_on_their_da
     download_artifacts(service.http, job["id"], tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["restore"]["dataset"] == ds and report["spec"]["restore"]["dataset"] == ds
+
+
+def test_calibration_and_restore_on_two_uploads_each_use_their_own(service: Service) -> None:
+    """Both uploads are stored as data.txt; the worker once fetched them to one path, so the restore set silently
+    replaced the calibration set and the pruned model (hence perplexity_before) changed."""
+    text = load_text(BUILTIN_WIKI_EN)
+    ids = []
+    for part in (text[:20_000], text[40_000:60_000]):
+        uploaded = service.http.post("/v1/datasets", files={"file": ("part.txt", part.encode(), "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+        ids.append(uploaded.json()["id"])
+    calibration = {**SMALL["calibration"], "dataset": ids[0]}
+    plain = run_job(service, {**JOB, "calibration": calibration})
+    job = run_job(service, {**JOB, "calibration": calibration,
+                            "restore": {"method": "sparse-lora", "steps": 2, "rank": 2, "dataset": ids[1]}})
+    assert job["metrics"]["restore"]["perplexity_before"] == plain["metrics"]["perplexity"]["pruned"]

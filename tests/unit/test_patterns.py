@@ -3,29 +3,56 @@ import math
 import pytest
 import torch
 
-from workers.pruning.patterns import nm_mask, parse_pattern, prune_count, select_mask, unstructured_mask
+from workers.pruning.patterns import (
+    layer_prune_count,
+    nm_mask,
+    parse_pattern,
+    prune_count,
+    row_prune_counts,
+    select_mask,
+    unstructured_mask,
+)
 
 
 def brute_force_unstructured(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per row: rank entries by (score, index) with Python sorting and drop the first floor(s*in)."""
+    """Per row: rank entries by (score, index) with Python sorting and drop the first floor(s*in); then the
+    round(s*rows*in) - rows*floor(s*in) rows whose next entry is lowest (by (score, row)) drop it too."""
     rows, width = scores.shape
     k = math.floor(round(sparsity * width, 9))
+    extra = math.floor(sparsity * rows * width + 0.5) - rows * k
     mask = torch.ones(rows, width, dtype=torch.bool)
+    orders = [sorted(range(width), key=lambda j, r=r: (float(scores[r, j]), j)) for r in range(rows)]
     for r in range(rows):
-        order = sorted(range(width), key=lambda j: (float(scores[r, j]), j))
-        for j in order[:k]:
+        for j in orders[r][:k]:
             mask[r, j] = False
+    for r in sorted(range(rows), key=lambda r: (float(scores[r, orders[r][k]]), r))[:extra]:
+        mask[r, orders[r][k]] = False
     return mask
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.29, 0.5, 0.6, 0.7, 0.9, 0.99])
 @pytest.mark.parametrize("width", [7, 64, 100, 172])
-def test_unstructured_prunes_exactly_floor_per_row(sparsity: float, width: int) -> None:
+def test_unstructured_prunes_floor_or_ceil_per_row_and_the_nearest_total(sparsity: float, width: int) -> None:
     scores = torch.randn(13, width, generator=torch.Generator().manual_seed(width))
     mask = unstructured_mask(scores, sparsity)
-    expected_zeros = math.floor(round(sparsity * width, 9))
+    floor = math.floor(round(sparsity * width, 9))
     assert mask.dtype == torch.bool and mask.shape == scores.shape
-    assert ((~mask).sum(dim=1) == expected_zeros).all()
+    zeros = (~mask).sum(dim=1)
+    assert ((zeros == floor) | (zeros == floor + 1)).all()
+    assert int(zeros.sum()) == layer_prune_count(sparsity, 13, width) == round(sparsity * 13 * width)
+    assert torch.equal(zeros, row_prune_counts(scores, sparsity))
+
+
+def test_the_extra_zeros_go_to_the_rows_whose_next_score_is_lowest() -> None:
+    # 3 rows x 2 inputs at 0.5: 3 zeros, one per row; at 2/3: 4 zeros, so one row loses both.
+    scores = torch.tensor([[1.0, 9.0], [2.0, 3.0], [0.5, 5.0]])
+    assert row_prune_counts(scores, 0.5).tolist() == [1, 1, 1]
+    # Next candidates 9, 3, 5: row 1's costs least.
+    assert unstructured_mask(scores, 2 / 3).tolist() == [[False, True], [False, False], [False, True]]
+    # Ties go to the lower row.
+    assert row_prune_counts(torch.ones(3, 2), 2 / 3).tolist() == [2, 1, 1]
+    # 0.6 of 2 x 5 is 6: floor 3 per row, no extra; 0.55 is 5.5, rounded up to 6 as well.
+    assert row_prune_counts(torch.randn(2, 5), 0.55).tolist() == [3, 3]
 
 
 def test_prune_count_survives_float_error() -> None:

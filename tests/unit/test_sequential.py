@@ -6,6 +6,7 @@ import torch
 from tests.unit.conftest import tiny_llama_from_config
 from workers.pruning.methods import get_method, wanda
 from workers.pruning.models import block_linears, find_blocks, prunable_layers
+from workers.pruning.patterns import layer_prune_count
 from workers.pruning.sequential import Callbacks, Feed, Pruning, capture_block_inputs, prune_sequential
 from workers.pruning.spec import JobCancelled
 
@@ -18,7 +19,7 @@ def dense_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
-def test_every_row_loses_exactly_floor_s_in(method: str, sparsity: float) -> None:
+def test_every_row_loses_floor_or_ceil_s_in_and_every_layer_round_s_size(method: str, sparsity: float) -> None:
     model = tiny_llama_from_config()
     before = dense_state(model)
     _, blocks = find_blocks(model)
@@ -26,7 +27,9 @@ def test_every_row_loses_exactly_floor_s_in(method: str, sparsity: float) -> Non
     layers = prunable_layers(model)
     for name, layer in layers.items():
         zeros_per_row = (layer.weight == 0).sum(dim=1)
-        assert (zeros_per_row == math.floor(sparsity * layer.in_features + 1e-9)).all(), name
+        floor = math.floor(sparsity * layer.in_features + 1e-9)
+        assert ((zeros_per_row == floor) | (zeros_per_row == floor + 1)).all(), name
+        assert int(zeros_per_row.sum()) == layer_prune_count(sparsity, *layer.weight.shape), name
         kept = layer.weight != 0
         assert torch.equal(layer.weight[kept], before[f"{name}.weight"][kept])  # survivors untouched
     for name, param in model.named_parameters():

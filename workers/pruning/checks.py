@@ -25,6 +25,7 @@ def check_spec(spec: PruneSpec) -> None:
     _check(spec)
     _check_targets(spec)
     _check_allocation(spec)
+    _check_budget(spec)
 
 
 def _check(spec: PruneSpec) -> None:
@@ -80,3 +81,28 @@ def _check_allocation(spec: PruneSpec) -> None:
                                        "with per-tower targets.")
     if spec.sweep and not sweep_fits_pattern(spec.pattern):
         raise JobError("invalid_spec", f"Pattern {spec.pattern} fixes the sparsity; a sweep has nothing to vary.")
+
+
+def _check_budget(spec: PruneSpec) -> None:
+    """A budget job searches one sparsity for every tower, which a pattern must leave free."""
+    budget = spec.budget
+    if budget is None:
+        return
+    if (budget.max_perplexity_ratio is None) == (budget.max_accuracy_drop is None):
+        raise JobError("invalid_spec", "budget names exactly one bound: max_perplexity_ratio or max_accuracy_drop.")
+    if budget.max_perplexity_ratio is not None and not budget.max_perplexity_ratio > 1.0:
+        raise JobError("invalid_spec", "budget.max_perplexity_ratio must be above 1; got "
+                                       f"{budget.max_perplexity_ratio}.")
+    if budget.max_accuracy_drop is not None and not 0.0 <= budget.max_accuracy_drop < 1.0:
+        raise JobError("invalid_spec", f"budget.max_accuracy_drop must be in [0, 1); got {budget.max_accuracy_drop}.")
+    if not (0.0 < budget.min_sparsity <= budget.max_sparsity < 1.0 and budget.step > 0.0):
+        raise JobError("invalid_spec", "budget: need 0 < min_sparsity <= max_sparsity < 1 and step > 0; got "
+                                       f"{budget.min_sparsity}, {budget.max_sparsity}, {budget.step}.")
+    if spec.sweep or spec.targets is not None:
+        raise JobError("invalid_spec", "A budget job searches one sparsity for every tower; it cannot be combined "
+                                       "with a sweep or per-tower targets.")
+    if not sweep_fits_pattern(spec.pattern):
+        raise JobError("invalid_spec", f"Pattern {spec.pattern} fixes the sparsity; a budget has nothing to search.")
+    if spec.allocation.max_sparsity is not None and spec.allocation.max_sparsity < budget.max_sparsity:
+        raise JobError("invalid_spec", f"allocation_options.max_sparsity ({spec.allocation.max_sparsity}) is below "
+                                       f"budget.max_sparsity ({budget.max_sparsity}).")

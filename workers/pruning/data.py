@@ -55,10 +55,16 @@ def _read(path: Path) -> str:
 
 
 def _wiki_en_text() -> str:
+    return "\n\n".join(wiki_en_articles())
+
+
+def wiki_en_articles() -> list[str]:
+    """builtin:wiki-en's articles (each entry's extract) sorted by key: the stream joins them with blank lines, and
+    builtin:wiki-next-sentence draws its items from a held-out range of them (task_accuracy.py)."""
     path = wiki_en_path()
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-        return "\n\n".join(entries[key]["extract"] for key in sorted(entries))
+        return [entries[key]["extract"] for key in sorted(entries)]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise JobError("dataset_error",
                        f"The builtin:wiki-en data file {path} is unreadable ({exc}).") from exc

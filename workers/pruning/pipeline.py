@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from workers.pruning import multimodal, restore
+from prunekit.vocabulary import same_sparsity
+from workers.pruning import budget_search, multimodal, restore
 from workers.pruning.allocation import plan as allocation_plan
 from workers.pruning.allocation.cache import ScoreCache, Scores, cached_scores
 from workers.pruning.allocation.plan import LayerSparsities
@@ -38,7 +39,8 @@ from workers.pruning.models import (
 )
 from workers.pruning.multimodal import ModelAdapter, adapt
 from workers.pruning.sequential import ModelInputs, as_inputs, prune_towers
-from workers.pruning.spec import CalibrationSpec, JobCancelled, Progress, PruneSpec, Result, spec_record
+from workers.pruning.spec import CalibrationSpec, JobCancelled, JobError, Progress, PruneSpec, Result, spec_record
+from workers.pruning.task_accuracy import Task, load_task, score_tasks, task_info
 from workers.pruning.zero_shot import digits_zero_shot_accuracy
 
 CALIBRATION_BATCH = 4  # windows per forward pass while pruning; the captured activations dominate memory
@@ -54,11 +56,13 @@ _MESSAGES = {
     "restoring": "Restoring the pruned model with {}.",
     "evaluation_pruned": "Measuring the {} of the pruned model.",
     "saving": "Saving the pruned model.",
+    "budget_search": "{}",
 }
 _QUALITY = ("perplexity", "accuracy")
 
-# Quality measured so far, by metric then model: {"perplexity": {"dense": 12.3, "pruned": 14.1}}.
-Quality = dict[str, dict[str, float | None]]
+# Quality measured so far, by metric then model: {"perplexity": {"dense": 12.3, "pruned": 14.1}}; task accuracy
+# as {"tasks": {"dense": {task name: {"acc": ..., "acc_norm": ..., ...}}}}.
+Quality = dict[str, dict[str, Any]]
 Plan = list[tuple[Tower, float]]
 
 
@@ -85,12 +89,14 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         restore.check(spec.restore, spec.offload)
     device = resolve_device(spec.device)
     job = _Job(spec, output_dir, device, _PeakMemory(device), on_progress, should_cancel,
-               None if spec.sweep else checkpoint)
+               None if spec.sweep or spec.budget is not None else checkpoint)
     setup = _load(job)
     data = _prepare_data(job, method, setup)
     dense = _dense_quality(job, setup, data)
     scores = _score(job, setup, data, score_cache)
     dense_weights = _dense_weights(spec, setup.plan)
+    if spec.budget is not None:  # a quality budget: the sparsity is searched for (budget_search.py)
+        return _budget_job(job, setup, method, data, dense, scores, dense_weights)
     runs: list[PrunedRun] = []
     for number, target in enumerate(job.targets):
         if number > 0:  # every sparsity of a sweep starts from the dense weights
@@ -112,7 +118,7 @@ class _Job:
     memory: _PeakMemory
     on_progress: Callable[[Progress], None]
     should_cancel: Callable[[], bool]
-    checkpoint: Checkpoint | None  # None for a sweep: it is not checkpointed
+    checkpoint: Checkpoint | None  # None for a sweep or a budget job: they are not checkpointed
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -121,11 +127,11 @@ class _Job:
         return tuple(self.spec.sweep) or (self.spec.sparsity,)
 
     @contextmanager
-    def stage(self, name: str, total: int = 1, what: str = "") -> Iterator[None]:
+    def stage(self, name: str, total: int = 1, what: str = "", done: int = 0) -> Iterator[None]:
         """A stage: a cancellation point, a progress event as it starts, and its time (summed over a sweep)."""
         if self.should_cancel():
             raise JobCancelled(f"cancelled before {name}")
-        self.on_progress(Progress(name, 0, total, _MESSAGES[name].format(what)))
+        self.on_progress(Progress(name, done, total, _MESSAGES[name].format(what)))
         start = time.perf_counter()
         yield
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
@@ -162,6 +168,7 @@ class _Data:
     info: dict[str, Any]  # report["data"]
     zero_shot: bool  # whether zero-shot accuracy is measured
     measured: str  # what is measured, for messages ("perplexity and zero-shot accuracy"); "" for nothing
+    tasks: tuple[Task, ...] = ()  # multiple-choice tasks scored dense and pruned
 
 
 @dataclass
@@ -212,9 +219,11 @@ def _reload(job: _Job, setup: _Setup) -> None:
 
 def _prepare_data(job: _Job, method: Method, setup: _Setup) -> _Data:
     spec, model = job.spec, setup.model
-    calibrate = method.new_stats is not None or allocation_plan.needs_scores(spec.allocation)
+    # needs_data: alphapruning's scores come from the weights alone
+    calibrate = method.new_stats is not None or allocation_plan.needs_data(spec.allocation)
     calibration = evaluation = None
     info: dict[str, Any] = {"dataset": setup.calibration.dataset}
+    tasks = _tasks(job, model)  # first: a task the model cannot score is refused before any data is made
     if calibrate or spec.evaluation.perplexity:
         with job.stage("calibration"):
             calibration, evaluation, info = multimodal.job_data(
@@ -224,10 +233,27 @@ def _prepare_data(job: _Job, method: Method, setup: _Setup) -> _Data:
     if setup.calibration.dataset != requested:
         info["dataset_requested"] = requested
         info["dataset_note"] = f"{requested} is the default; a CLIP model calibrates on {setup.calibration.dataset}"
+    if tasks:
+        info["tasks"] = {task.name: task_info(task) for task in tasks}
     zero_shot = _zero_shot(spec, model.adapter, model.loaded.tokenizer, info)
     measured = " and ".join(name for name, on in (("perplexity", evaluation is not None),
-                                                   ("zero-shot accuracy", zero_shot)) if on)
-    return _Data(calibration, evaluation, info, zero_shot, measured)
+                                                   ("zero-shot accuracy", zero_shot), ("task accuracy", bool(tasks)))
+                            if on)
+    return _Data(calibration, evaluation, info, zero_shot, measured, tasks)
+
+
+def _tasks(job: _Job, model: _Model) -> tuple[Task, ...]:
+    """the job's multiple-choice tasks, loaded (an uploaded file from where the worker fetched it);
+    refused for a model without a causal LM to score them (CLIP) or without a tokenizer."""
+    evaluation = job.spec.evaluation
+    if not evaluation.tasks:
+        return ()
+    if multimodal.perplexity_model(model.adapter) is None or model.loaded.tokenizer is None:
+        what = "has no tokenizer" if model.loaded.tokenizer is None else "is not a language model (CLIP)"
+        raise JobError("invalid_spec", f"evaluation.tasks: the model {what}; multiple-choice tasks are scored by a "
+                                       "language model's log-likelihood.")
+    return tuple(load_task(name, evaluation.task_num_samples, evaluation.task_files.get(name))
+                 for name in evaluation.tasks)
 
 
 def _zero_shot(spec: PruneSpec, model: ModelAdapter, tokenizer: Any, info: dict[str, Any]) -> bool:
@@ -252,6 +278,8 @@ def _measure(job: _Job, data: _Data, model: _Model, which: str) -> Quality:
     if data.zero_shot:
         quality["accuracy"] = {which: _finite(digits_zero_shot_accuracy(
             model.module, model.loaded.tokenizer, should_cancel=job.should_cancel))}
+    if data.tasks and lm is not None:
+        quality["tasks"] = {which: score_tasks(lm, model.loaded.tokenizer, data.tasks, job.should_cancel)}
     return quality
 
 
@@ -259,14 +287,15 @@ def _dense_quality(job: _Job, setup: _Setup, data: _Data) -> Quality:
     """The dense model's quality; a resumed model is no longer dense, so its was saved with the checkpoint."""
     dense: Quality = {}
     if setup.resume is not None:
-        for key in _QUALITY:
+        for key in (*_QUALITY, "tasks"):
             if setup.resume.extra.get(key):
                 dense[key] = dict(setup.resume.extra[key])
     elif data.measured:
         with job.stage("evaluation_dense", what=data.measured):
             dense = _measure(job, data, setup.model, "dense")
     if job.checkpoint is not None:
-        job.checkpoint.extra = {"perplexity": dense.get("perplexity", {}), "accuracy": dense.get("accuracy", {})}
+        job.checkpoint.extra = {"perplexity": dense.get("perplexity", {}), "accuracy": dense.get("accuracy", {}),
+                                "tasks": dense.get("tasks", {})}
     return dense
 
 
@@ -274,10 +303,11 @@ def _score(job: _Job, setup: _Setup, data: _Data, cache: ScoreCache | None) -> S
     """The allocation's raw scores on the dense model, once for every sparsity of a sweep; None: uniform."""
     if not allocation_plan.needs_scores(job.spec.allocation):
         return None
-    assert data.calibration is not None
+    assert data.calibration is not None or not allocation_plan.needs_data(job.spec.allocation)
     with job.stage("scoring", total=1, what=job.spec.allocation.name):
         return cached_scores(job.spec, setup.model.adapter, [tower for tower, _ in setup.plan],
-                             as_inputs(data.calibration), job.device, cache, job.should_cancel, job.on_progress)
+                             as_inputs(data.calibration) if data.calibration is not None else None, job.device,
+                             cache, job.should_cancel, job.on_progress)
 
 
 def _dense_weights(spec: PruneSpec, plan: Plan) -> dict[str, torch.Tensor] | None:
@@ -289,23 +319,23 @@ def _dense_weights(spec: PruneSpec, plan: Plan) -> dict[str, torch.Tensor] | Non
 
 
 def _prune_one(job: _Job, setup: _Setup, method: Method, data: _Data, scores: Scores | None,
-               dense_weights: dict[str, torch.Tensor] | None, target: float) -> PrunedRun:
-    """Prunes the model in memory to one target sparsity, restores it when asked, measures it and saves it."""
+               dense_weights: dict[str, torch.Tensor] | None, target: float,
+               probed: _Probed | None = None) -> PrunedRun:
+    """Prunes the model in memory to one target sparsity, restores it when asked, measures it and saves it.
+    With `probed` (a budget job's last probe), the model is pruned to the target already and was measured so."""
     spec, model = job.spec, setup.model
-    plan = plan_towers(model.towers, target, spec.targets)
-    allocation = None
-    if scores is not None:
-        allocation = allocation_plan.allocate(plan, spec.allocation, scores.raw,
-                                              target if spec.targets is None else None)
+    plan, allocation = _allocate(job, setup, scores, target)
     label = f" at sparsity {target:g}" if spec.sweep else ""
-    unused = _prune(job, setup, method, data, plan, allocation, label)
+    unused = probed.unused if probed is not None else _prune(job, setup, method, data, plan, allocation, label)
     # Reported sparsity covers the layers pruned; layers calibration never reached were left dense.
     layer_names = [name for tower, _ in plan for name in tower_layers(tower) if name not in unused]
     restored = None
     if spec.restore is not None:
         restored = _restore(job, setup, data, layer_names, dense_weights, label)
     pruned: Quality = {}
-    if data.measured:
+    if probed is not None and restored is None:
+        pruned = probed.quality
+    elif data.measured:
         with job.stage("evaluation_pruned", what=data.measured):
             pruned = _measure(job, data, model, "pruned")
     sparsity = sparsity_report(model.module, layer_names)
@@ -317,6 +347,15 @@ def _prune_one(job: _Job, setup: _Setup, method: Method, data: _Data, scores: Sc
                                source=model.loaded.path if model.loaded.source == "hf" else None)
     return PrunedRun(target, plan, unused, sparsity, allocation, pruned, folder, restored,
                      _per_tower(model.module, model.towers, unused))
+
+
+def _allocate(job: _Job, setup: _Setup, scores: Scores | None, target: float) -> tuple[Plan, LayerSparsities | None]:
+    """The towers' plan at one target sparsity, and the allocation's sparsity per layer from its scores."""
+    spec = job.spec
+    plan = plan_towers(setup.model.towers, target, spec.targets)
+    if scores is None:
+        return plan, None
+    return plan, allocation_plan.allocate(plan, spec.allocation, scores.raw, target if spec.targets is None else None)
 
 
 def _prune(job: _Job, setup: _Setup, method: Method, data: _Data, plan: Plan, allocation: LayerSparsities | None,
@@ -356,7 +395,75 @@ def _restore(job: _Job, setup: _Setup, data: _Data, layer_names: list[str],
     for key in _QUALITY:
         if key in before:
             restored[f"{key}_before"] = before[key]["pruned"]
+    if "tasks" in before:
+        restored["tasks_before"] = before["tasks"]["pruned"]
     return restored
+
+
+# --- a quality-budget job -------------------------------------------------------------------
+
+
+@dataclass
+class _Probed:
+    """One probe of a budget job: the model pruned to `target`, what that left dense, and its quality."""
+
+    target: float
+    unused: list[str]
+    quality: Quality
+
+
+def _budget_job(job: _Job, setup: _Setup, method: Method, data: _Data, dense: Quality, scores: Scores | None,
+                dense_weights: dict[str, torch.Tensor] | None) -> Result:
+    """The highest sparsity of the budget's grid whose pruned model keeps the bound (budget_search.py).
+
+    One calibration, one dense measurement and one scoring pass serve every probe. A probe prunes the dense
+    weights, put back from CPU copies (pruning feeds pruned outputs forward, so it starts from the dense model
+    every time), and measures on the held-out evaluation data. The chosen model is the last probe's when it was
+    the last one made, else pruned once more; it alone is restored (when asked) and saved."""
+    budget = job.spec.budget
+    assert budget is not None
+    bound = budget_search.bound_of(budget, dense)
+    layers = {name: layer for tower, _ in setup.plan for name, layer in tower_layers(tower).items()}
+    # Restoration's teacher is the same dense weights: one copy serves both.
+    originals = dense_weights if dense_weights is not None else restore.dense_copies(layers)
+    most = budget_search.max_probes(len(budget_search.grid(budget.min_sparsity, budget.max_sparsity, budget.step)))
+    probes: list[_Probed] = []
+
+    def measure(target: float) -> float | None:
+        if probes:
+            _put_back(layers, originals)
+        plan, allocation = _allocate(job, setup, scores, target)
+        label = f" at sparsity {target:g} (probe {len(probes) + 1} of at most {most})"
+        unused = _prune(job, setup, method, data, plan, allocation, label)
+        with job.stage("budget_search", total=most, done=len(probes),
+                       what=f"Measuring the {data.measured} of the pruned model{label}."):
+            quality = _measure(job, data, setup.model, "pruned")
+        probes.append(_Probed(target, unused, quality))
+        return quality.get(bound.metric, {}).get("pruned")
+
+    def report(probe: budget_search.Probe, number: int) -> None:
+        job.on_progress(Progress("budget_search", number, most, budget_search.probe_message(bound, probe, number,
+                                                                                            most)))
+
+    outcome = budget_search.run_search(budget, bound, measure, report)
+    if outcome.chosen is None:
+        raise outcome.unreachable()
+    chosen = outcome.chosen.sparsity
+    last = probes[-1] if same_sparsity(probes[-1].target, chosen) else None
+    if last is None:
+        _put_back(layers, originals)
+    run = _prune_one(job, setup, method, data, scores, dense_weights, chosen, last)
+    result = _result(job, setup, data, dense, scores, [run])
+    result.metrics["budget"] = outcome.record(budget)
+    result.report["budget"] = result.metrics["budget"]
+    return result
+
+
+def _put_back(layers: dict[str, torch.nn.Module], originals: dict[str, torch.Tensor]) -> None:
+    """The dense weights again, in place (on whatever device each layer lives)."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.weight.data.copy_(originals[name])
 
 
 # --- the result ------------------------------------------------------------------------------------------
@@ -383,6 +490,7 @@ def _metrics(job: _Job, setup: _Setup, dense: Quality, scores: Scores | None, ru
                      "per_tower": first.per_tower,
                      "targets": {tower.name: value for tower, value in first.plan}},
         **quality,
+        **_task_metrics(dense, first.pruned),
         "timings_s": job.timings,
         "peak_memory_mb": job.memory.peak_mb(),
         "num_parameters": sum(p.numel() for p in setup.model.module.parameters()),
@@ -435,6 +543,7 @@ def _sweep_row(run: PrunedRun, dense: Quality, output_dir: Path) -> dict[str, An
         if key in run.pruned:
             row[key] = run.pruned[key].get("pruned")
             row[f"dense_{key}"] = dense.get(key, {}).get("dense")
+    row.update(_task_metrics(dense, run.pruned))
     if run.allocation is not None:
         row["allocation_per_tower"] = run.allocation.per_tower
     if run.restore is not None:
@@ -444,6 +553,17 @@ def _sweep_row(run: PrunedRun, dense: Quality, output_dir: Path) -> dict[str, An
 
 _SWEEP_RESTORE_KEYS = ("loss_first", "loss_last", "mask_preserved", "sparsity_before_merge", "sparsity_after_merge",
                        "perplexity_before", "accuracy_before", "seconds", "cpu_seconds")
+
+
+def _task_metrics(dense: Quality, pruned: Quality) -> dict[str, Any]:
+    """{"tasks": {name: {"dense": {"acc", "acc_norm", ...}, "pruned": {...}, "n": items}}}, or {}."""
+    tasks: dict[str, Any] = {}
+    for which, quality in (("dense", dense), ("pruned", pruned)):
+        for name, score in quality.get("tasks", {}).get(which, {}).items():
+            entry = tasks.setdefault(name, {})
+            entry[which] = {key: value for key, value in score.items() if key != "n"}
+            entry["n"] = score["n"]
+    return {"tasks": tasks} if tasks else {}
 
 
 def _overall_target(plan: Plan, layers: list[dict[str, Any]]) -> float:

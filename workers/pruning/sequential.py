@@ -232,15 +232,24 @@ def _prune_block(block: nn.Module, index: int, pruning: Pruning, hidden: torch.T
     linears = block_linears(block)
     stats = {} if hidden is None else gather_stats(block, linears, pruning.method, hidden, batch_args, batch_size)
     unused: list[str] = []
-    for name, layer in linears.items():
+    # ("stats", id of a shared stats object) or ("layer", name) -> the layers pruned together, in block order
+    shared: dict[tuple[str, Any], list[str]] = {}
+    for name in linears:
         if hidden is not None and name not in stats:
             unused.append(f"{index}.{name}")
-            continue
+        elif pruning.ratio(index, name) > 0.0:
+            shared.setdefault(("stats", id(stats[name])) if name in stats else ("layer", name), []).append(name)
+    for names in shared.values():
         # copy_ keeps the Parameter an ordinary tensor: one made in inference mode would not be
-        weight = weight_matrix(layer)
-        ratio = pruning.ratio(index, name)
-        if ratio > 0.0:
-            weight.copy_(pruning.method.prune(weight, stats.get(name), ratio, pruning.pattern))
+        weights = [weight_matrix(linears[name]) for name in names]
+        ratios = [pruning.ratio(index, name) for name in names]
+        if len(names) > 1 and pruning.method.prune_group is not None:
+            for weight, pruned in zip(weights, pruning.method.prune_group(weights, stats[names[0]], ratios,
+                                                                          pruning.pattern), strict=True):
+                weight.copy_(pruned)
+        else:
+            for name, weight, ratio in zip(names, weights, ratios, strict=True):
+                weight.copy_(pruning.method.prune(weight, stats.get(name), ratio, pruning.pattern))
     return unused
 
 
@@ -298,21 +307,65 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
 
 def gather_stats(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
                   batch_args: list[BlockArgs], batch_size: int) -> dict[str, Any]:
-    """Statistics of every layer the calibration data reaches; a layer never called gets no entry."""
+    """Statistics of every layer the calibration data reaches; a layer never called gets no entry.
+
+    Layers that read the very same input tensor in every batch (q, k, v; gate, up) share one statistics object:
+    theirs would be identical, so it is gathered once (SparseGPT's Hessian costs in_features^2 per token), and
+    a method with prune_group can prune them together. Should a block ever feed such layers different inputs
+    in a later batch, everything is gathered again, one object per layer.
+    """
+    try:
+        return _gather(block, linears, method, hidden, batch_args, batch_size, share=True)
+    except _NotShared:
+        return _gather(block, linears, method, hidden, batch_args, batch_size, share=False)
+
+
+class _NotShared(Exception):
+    """Layers that shared an input in an earlier batch did not in this one."""
+
+
+def _gather(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
+            batch_args: list[BlockArgs], batch_size: int, share: bool) -> dict[str, Any]:
     assert method.new_stats is not None
     stats: dict[str, Any] = {}
+    leader: dict[str, str] = {}  # a layer that shares another's statistics -> that layer
+    # This batch's inputs, in call order per layer. Holding the tensors keeps their id()s unique meanwhile.
+    calls: dict[str, list[torch.Tensor]] = {}
+    owner: dict[int, str] = {}  # id(input tensor) -> the first layer with its own statistics that read it
+    batch_number = 0
 
     def hook(name: str, layer: nn.Module) -> Callable[..., None]:
         def add(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            x = args[0]
+            calls.setdefault(name, []).append(x)
             if name not in stats:
+                # Only in the first batch: a layer first called later has missed what the other has added.
+                first = owner.get(id(x)) if share and batch_number == 0 else None
+                if first is not None:  # reads what an earlier layer read in this batch: the same statistics
+                    leader[name] = first
+                    stats[name] = stats[first]
+                    return
                 stats[name] = method.new_stats(method_view(layer))  # type: ignore[misc]
-            stats[name].add(args[0])
+            if name in leader:
+                return  # its leader has added this input (checked after the batch)
+            owner.setdefault(id(x), name)
+            stats[name].add(x)
         return add
 
     handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
     try:
-        run_block(block, hidden, batch_args, batch_size, write_back=False)
+        for number, start in enumerate(range(0, hidden.shape[0], batch_size)):
+            batch_number = number
+            calls.clear()
+            owner.clear()
+            run_block(block, hidden[start:start + batch_size], batch_args[number:number + 1], batch_size,
+                      write_back=False)
+            for name, first in leader.items():
+                mine, theirs = calls.get(name, []), calls.get(first, [])
+                if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs, strict=True)):
+                    raise _NotShared(name)
     finally:
+        calls.clear()
         for handle in handles:
             handle.remove()
     return stats

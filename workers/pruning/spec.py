@@ -11,6 +11,7 @@ from prunekit.vocabulary import (
     ALLOCATION,
     ALLOCATIONS,
     ARCHIVE_LIMITS,
+    BUDGET,
     CALIBRATION,
     EVALUATION,
     GRANULARITIES,
@@ -23,8 +24,8 @@ from prunekit.vocabulary import (
 )
 
 __all__ = ["ALLOCATIONS", "DEFAULT_CALIBRATION_DATASET", "GRANULARITIES", "RESTORE_METHODS", "STAGES",
-           "AllocationSpec", "ArchiveLimits", "CalibrationSpec", "EvaluationSpec", "JobCancelled", "JobError",
-           "Progress", "PruneSpec", "RestoreSpec", "Result"]
+           "AllocationSpec", "ArchiveLimits", "BudgetSpec", "CalibrationSpec", "EvaluationSpec", "JobCancelled",
+           "JobError", "Progress", "PruneSpec", "RestoreSpec", "Result"]
 
 DEFAULT_CALIBRATION_DATASET = CALIBRATION.dataset
 
@@ -49,6 +50,16 @@ class EvaluationSpec:
     accuracy: bool = EVALUATION.accuracy
     num_samples: int = EVALUATION.num_samples  # evaluation windows
     seq_len: int = EVALUATION.seq_len
+    # multiple-choice tasks scored dense and pruned (task_accuracy.py): builtin:wiki-next-sentence, an
+    # uploaded task file by its id (ds_...), or a local .jsonl path; the first task_num_samples items of each.
+    tasks: tuple[str, ...] = EVALUATION.tasks
+    task_num_samples: int = EVALUATION.task_num_samples
+    # Where the worker fetched uploaded task files: {ds_... id: local path}. Not part of what the job asked (a
+    # folder of the attempt's own): spec_record leaves it out, so metrics and checkpoints name the id.
+    task_files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))  # a request's JSON list
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,12 @@ class AllocationSpec:
     # owl: M, a weight is an outlier above M times its group's mean score
     outlier_multiple: float = ALLOCATION.outlier_multiple
     spread: float = ALLOCATION.spread  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
+    # --- allocation options of alphapruning, dlp and ecoflap-zeroth ---
+    # ecoflap-zeroth: "tensor", one random direction per weight matrix; "block", one per block (7x fewer passes)
+    perturbation: str = ALLOCATION.perturbation
+    # alphapruning: sparsities proportional to [1 - epsilon, 1 + epsilon] mapped from the heavy-tail exponents
+    epsilon: float = ALLOCATION.epsilon
+    alpha: float = ALLOCATION.alpha  # dlp: sparsities lie in [target - alpha, target + alpha]
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,19 @@ class RestoreSpec:
 
 
 @dataclass(frozen=True)
+class BudgetSpec:
+    """A quality-budget job: the highest sparsity of the grid min_sparsity, min_sparsity + step, ..., max_sparsity
+    whose pruned model keeps the bound (exactly one of the two), measured on the evaluation data
+    (workers/pruning/budget_search.py)."""
+
+    max_perplexity_ratio: float | None = None  # pruned perplexity / dense perplexity, at most this (> 1)
+    max_accuracy_drop: float | None = None  # CLIP-style: dense accuracy - pruned accuracy, at most this
+    min_sparsity: float = BUDGET.min_sparsity
+    max_sparsity: float = BUDGET.max_sparsity
+    step: float = BUDGET.step
+
+
+@dataclass(frozen=True)
 class PruneSpec:
     model_dir: Path  # HF layout (config.json + *.safetensors + tokenizer) or a folder with exactly one .gguf
     method: str  # "magnitude" | "wanda" | "sparsegpt"
@@ -107,6 +137,9 @@ class PruneSpec:
     sweep: tuple[float, ...] = ()
     # Fine-tuning after pruning (every sparsity of a sweep is restored); None: the pruned model is saved as is.
     restore: RestoreSpec | None = None
+    # A quality-budget job: the sparsity is searched for (`sparsity` is then ignored; `targets` and `sweep` must
+    # be empty, the pattern unstructured); the chosen model is restored when `restore` is given.
+    budget: BudgetSpec | None = None
 
 
 def spec_record(spec: PruneSpec) -> dict[str, Any]:
@@ -117,6 +150,7 @@ def spec_record(spec: PruneSpec) -> dict[str, Any]:
     for part in ("calibration", "restore"):
         if isinstance(record.get(part), dict):
             record[part].pop("archive_limits", None)
+    record["evaluation"].pop("task_files", None)  # the attempt's scratch paths
     return record
 
 

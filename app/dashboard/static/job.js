@@ -2,6 +2,7 @@
 // events, artifacts and a cancel button.
 import { api, ApiError, downloadArtifact, query, readEventStream } from "./api.js";
 import { layerSparsityChart, naturalCompare, sweepChart } from "./charts.js";
+import { budgetBlockEl, budgetRequestText } from "./budget.js";
 import {
   card, fmtBytes, fmtDuration, fmtNum, fmtPct, fmtTime, h, progressBar, sleep, statusBadge, TERMINAL, toast,
 } from "./ui.js";
@@ -33,7 +34,8 @@ function requestSummary(job) {
   return kv([
     ["Model", h("span", { class: "mono" }, r.model || "—")],
     ["Method", r.method || "—"],
-    ["Target sparsity", r.sweep ? `sweep: ${r.sweep.sparsities.map((v) => fmtPct(v, 0)).join(", ")}`
+    ["Target sparsity", r.budget ? budgetRequestText(r.budget, job.metrics?.budget)
+      : r.sweep ? `sweep: ${r.sweep.sparsities.map((v) => fmtPct(v, 0)).join(", ")}`
       : fmtPct(r.sparsity, 1)],
     ["Pattern", r.pattern || "unstructured"],
     ["Allocation", allocationSummary(r, job.metrics?.allocation)],
@@ -202,7 +204,7 @@ export function jobView(root, jobId) {
     const m = job.metrics;
     redraw("metrics", m, () => {
       metricsSlot.replaceChildren(m ? card("Metrics", { id: "metrics" }, metricsBlock(m)) : "");
-      chartsSlot.replaceChildren(...(m ? [layerBlockEl(m), sweepBlockEl(m)].filter(Boolean) : []));
+      chartsSlot.replaceChildren(...(m ? [budgetBlockEl(m), layerBlockEl(m), sweepBlockEl(m)].filter(Boolean) : []));
     });
   }
 

@@ -26,6 +26,24 @@ export function submitView(root, { capabilities }) {
   const sweep = h("input", { type: "text", value: "", placeholder: "e.g. 0.5, 0.6, 0.7", autocomplete: "off",
     inputmode: "decimal" });
   const dataset = h("select", {}, h("option", { value: "builtin:wiki-en" }, "builtin:wiki-en"));
+  // The models the server has (GET /v1/models): suggestions for the model field, each with its towers; the
+  // vision-language demo models are listed while `prunekit up` still builds them, as not ready.
+  const modelInput = h("input", { type: "text", value: "local:tiny-llama", autocomplete: "off", spellcheck: "false",
+    required: true, list: "f-model-list" });
+  const modelList = h("datalist", { id: "f-model-list" });
+  const modelState = h("p", { class: "hint model-state", "aria-live": "polite" });
+  // Per-tower sparsity (`targets`) for models with more than one tower: one row per tower, pruned when ticked.
+  const towerRows = h("div", { class: "towers" });
+  const targetsField = h("div", { class: "field", "data-field": "targets", hidden: true },
+    h("fieldset", { name: "targets", class: "towers-set", "aria-describedby": "f-targets-hint f-targets-error" },
+      h("legend", {}, "Towers (targets)"), towerRows),
+    h("p", { class: "hint", id: "f-targets-hint" },
+      "prune each tower at its own sparsity; a tower left unticked stays dense. None ticked: the sparsity above "
+      + "applies to the vision and language towers"),
+    h("p", { class: "field-error", id: "f-targets-error", hidden: true }));
+  let models = new Map();
+  let datasetKinds = new Map();
+  let datasetTouched = false;
   const evalOn = h("input", { type: "checkbox", checked: true, id: "f-evaluation-perplexity",
     name: "evaluation.perplexity" });
   const evalNum = num({ value: 64, min: 1, step: 1 });
@@ -36,9 +54,9 @@ export function submitView(root, { capabilities }) {
   const form = h("form", { class: "card job-form", novalidate: true, "aria-labelledby": "new-title" },
     h("fieldset", {},
       h("legend", {}, "Model and method"),
-      field("model", "Model", h("input", { type: "text", value: "local:tiny-llama", autocomplete: "off",
-        spellcheck: "false", required: true }),
-      "local:<name> (under the server's models root), hf:<org>/<name>[@revision] or s3://bucket/prefix"),
+      field("model", "Model", modelInput,
+        "pick one of the server's models, or local:<name>, hf:<org>/<name>[@revision], s3://bucket/prefix"),
+      modelList, modelState,
       h("div", { class: "row" },
         field("method", "Method", method, "what this server runs (GET /v1/capabilities)"),
         field("pattern", "Pattern", pattern, "which weights may be zeroed together"),
@@ -46,9 +64,10 @@ export function submitView(root, { capabilities }) {
           "fraction of each layer's weights set to zero, between 0 and 1")),
       h("div", { class: "row" },
         field("allocation", "Allocation", allocation,
-          "uniform: every layer at the target; ecoflap-*, owl: per-block sparsity from a global score"),
+          "uniform: every layer at the target; ecoflap-*, owl, alphapruning (data-free), dlp: per-block sparsity from a global score"),
         field("sweep.sparsities", "Sweep (optional)", sweep,
-          "several sparsities from one scoring pass: one model each, and a perplexity curve"))),
+          "several sparsities from one scoring pass: one model each, and a perplexity curve")),
+      targetsField),
     h("fieldset", {},
       h("legend", {}, "Calibration"),
       h("div", { class: "row" },
@@ -84,11 +103,75 @@ export function submitView(root, { capabilities }) {
     fill(method, caps.methods, caps.methods.includes("wanda") ? "wanda" : caps.methods[0]);
     fill(pattern, caps.patterns);
     fill(allocation, caps.allocations, "uniform");
-    fill(dataset, caps.datasets.filter((d) => d.kind === "text").map((d) => d.id));
+    datasetKinds = new Map(caps.datasets.map((d) => [d.id, d.kind]));
+    fill(dataset, caps.datasets.map((d) => d.id), "builtin:wiki-en");
+    syncModel();
     form.dataset.ready = "true";
   }).catch((err) => {
     if (!controller.signal.aborted) showProblem({ title: "Could not load the server's capabilities", detail: err.message });
   });
+
+  // Asked again while a model is still being built, so it turns ready in the list without a reload.
+  let modelsTimer = null;
+  function loadModels() {
+    api("/v1/models", { signal: controller.signal }).then((page) => {
+      if (controller.signal.aborted) return;
+      models = new Map(page.data.map((m) => [m.ref, m]));
+      modelList.replaceChildren(...page.data.map((m) => h("option", { value: m.ref },
+        `${m.name}${m.family ? ` (${m.family}${m.towers.length > 1 ? `: ${m.towers.join(" + ")}` : ""})` : ""}`
+        + (m.ready ? "" : ` (${m.status === "building" ? "building, not ready yet" : "failed"})`))));
+      form.dataset.models = "loaded";
+      syncModel();
+      if (page.data.some((m) => m.status === "building")) modelsTimer = setTimeout(loadModels, 10000);
+    }).catch(() => {
+      // An older server without GET /v1/models: the field stays a plain text field.
+    });
+  }
+  loadModels();
+  controller.signal.addEventListener("abort", () => clearTimeout(modelsTimer));
+
+  function syncModel() {
+    const m = models.get(modelInput.value.trim());
+    if (!m) {
+      modelState.textContent = "";
+    } else if (!m.ready) {
+      modelState.textContent = m.status === "building"
+        ? "Still being built on the server (a few minutes after start-up); a job can name it once it is ready."
+        : `Not usable: ${m.error?.message || m.status}`;
+    } else {
+      modelState.textContent = `${m.family || m.model_type || "model"}${m.towers.length ? `, towers: ${m.towers.join(", ")}` : ""}`;
+    }
+    const towers = m && m.towers.length > 1 ? m.towers : [];
+    const shown = towerRows.dataset.towers || "";
+    if (towers.join(",") !== shown) {
+      towerRows.dataset.towers = towers.join(",");
+      towerRows.replaceChildren(...towers.map((tower) => {
+        const on = h("input", { type: "checkbox", id: `f-targets-${tower}-on`, "data-tower": tower });
+        const value = num({ value: 0.5, min: 0.01, max: 0.99, step: 0.01, id: `f-targets-${tower}`,
+          name: `targets.${tower}`, "aria-label": `${tower} tower sparsity`, disabled: true });
+        on.addEventListener("change", () => { value.disabled = !on.checked; });
+        return h("div", { class: "tower-row" }, h("label", { class: "check", for: on.id }, on, tower), value);
+      }));
+    }
+    targetsField.hidden = towers.length === 0;
+    // An image-text dataset calibrates a vision tower; text calibrates a language model. Unless chosen by hand.
+    if (!datasetTouched && m && datasetKinds.size) {
+      const kind = m.towers.includes("vision") ? "image-text" : "text";
+      const pick = [...datasetKinds].find(([, k]) => k === kind);
+      if (pick) dataset.value = pick[0];
+    }
+  }
+  modelInput.addEventListener("input", syncModel);
+  modelInput.addEventListener("change", syncModel);
+  dataset.addEventListener("change", () => { datasetTouched = true; });
+
+  function targets() {
+    const out = {};
+    for (const on of towerRows.querySelectorAll("input[data-tower]")) {
+      if (on.checked) out[on.dataset.tower] = number(`targets.${on.dataset.tower}`);
+    }
+    return targetsField.hidden || Object.keys(out).length === 0 ? undefined : out;
+  }
 
   function clearErrors() {
     problem.hidden = true;
@@ -133,6 +216,7 @@ export function submitView(root, { capabilities }) {
       pattern: pattern.value,
       ...(sweepValues.length ? { sweep: { sparsities: sweepValues } } : { sparsity: number("sparsity") }),
       allocation: allocation.value,
+      ...(targets() ? { targets: targets() } : {}),
       calibration: { dataset: dataset.value, num_samples: number("calibration.num_samples"),
         seq_len: number("calibration.seq_len") },
       evaluation,

@@ -115,3 +115,29 @@ class Dataset(Base):
     # The normalised file in the artifact store: text.jsonl, or the image-text zip as uploaded.
     storage_key: Mapped[str] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantModel(Base):
+    """A model a tenant brought (POST /v1/models): an uploaded HF folder in the artifact store, or an `s3://` prefix
+    it registered. A job names it by its id (mdl_...)."""
+
+    __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    # "upload": files under storage_prefix in the artifact store; else the registered s3:// prefix, read in place.
+    source: Mapped[str] = mapped_column(String(1100))
+    storage_prefix: Mapped[str | None] = mapped_column(String(1000), default=None)
+    status: Mapped[str] = mapped_column(String(20), default="ready")  # ready | failed (the worker could not load it)
+    error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    family: Mapped[str] = mapped_column(String(40))
+    model_type: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    towers: Mapped[dict[str, Any]] = mapped_column()  # {"names": [...]}: JSON as every other structured column
+    dtype: Mapped[str | None] = mapped_column(String(40), default=None)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # of the uploaded archive
+    files: Mapped[dict[str, Any]] = mapped_column()  # {"names": [...]}: the files of the folder
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

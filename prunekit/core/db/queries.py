@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from prunekit.core.db.models import Artifact, Dataset, Job, JobEvent, Tenant, utcnow
+from prunekit.core.db.models import Artifact, Dataset, Job, JobEvent, Tenant, TenantModel, utcnow
 from prunekit.core.ids import new_id
 from prunekit.vocabulary import ENDED, JobStatus
 
@@ -165,10 +165,45 @@ def list_datasets(session: Session, tenant_id: str, limit: int, after: str | Non
 
 
 def active_jobs_using_dataset(session: Session, tenant_id: str, dataset_id: str) -> list[str]:
-    """Jobs that have not ended and calibrate (or restore) on the dataset: deleting it would make them fail."""
+    """Jobs that have not ended and calibrate (or restore) on the dataset, or score it as a task:
+    deleting it would make them fail."""
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(ENDED)))
     return [job.id for job in jobs if dataset_id in ((job.request.get("calibration") or {}).get("dataset"),
-                                                     (job.request.get("restore") or {}).get("dataset"))]
+                                                     (job.request.get("restore") or {}).get("dataset"),
+                                                     *((job.request.get("evaluation") or {}).get("tasks") or ()))]
+
+
+# --- Tenant models (POST /v1/models) -----------------------------------------------------------------------
+
+
+def add_model(session: Session, model: TenantModel) -> TenantModel:
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(session: Session, tenant_id: str, model_id: str) -> TenantModel | None:
+    return session.scalar(select(TenantModel).where(TenantModel.id == model_id, TenantModel.tenant_id == tenant_id))
+
+
+def list_models(session: Session, tenant_id: str, limit: int, after: str | None) -> tuple[list[TenantModel], bool]:
+    query = select(TenantModel).where(TenantModel.tenant_id == tenant_id)
+    if after:
+        query = query.where(TenantModel.id < after)
+    rows = list(session.scalars(query.order_by(TenantModel.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def active_jobs_using_model(session: Session, tenant_id: str, model_id: str) -> list[str]:
+    """Jobs that have not ended and prune the model: deleting it would make them fail."""
+    jobs = session.execute(select(Job.id, Job.request).where(Job.tenant_id == tenant_id, Job.status.not_in(ENDED)))
+    return [job_id for job_id, request in jobs if request.get("model") == model_id]
+
+
+def mark_model_failed(session: Session, tenant_id: str, model_id: str, error: dict[str, str]) -> None:
+    """The worker could not load the model: later jobs are refused at submission, and GET /v1/models says why."""
+    session.execute(update(TenantModel).where(TenantModel.id == model_id, TenantModel.tenant_id == tenant_id)
+                    .values(status="failed", error=error).execution_options(synchronize_session=False))
 
 
 # --- Leases: the database decides which worker runs a job -------------------------------------------------

@@ -79,6 +79,68 @@ def owl_spread(outlier_ratios: Sequence[float], sizes: Sequence[int], target: fl
     return [min(max(s + shift, 0.0), 1.0) for s in raw]
 
 
+def alpha_spread(alphas: Sequence[float], sizes: Sequence[int], target: float, epsilon: float = 0.3,
+                 max_sparsity: float = 0.99) -> list[float]:
+    """AlphaPruning: sparsity proportional to (1 - epsilon) + 2 epsilon (alpha - min) / (max - min).
+
+    The heavy-tail exponents are mapped linearly onto [1 - epsilon, 1 + epsilon] (the lowest alpha, the best
+    trained group, at 1 - epsilon) and all multiplied by one factor so that the parameter-weighted mean is the
+    target, as in the paper (so the sparsities span [(1 - eps) c, (1 + eps) c] with c near the target). A group
+    the factor would take beyond max_sparsity is held there and the others share what is left, scaled alike.
+    Equal exponents give every group the target.
+    """
+    _check(alphas, sizes, target)
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1); got {epsilon}")
+    if not target <= max_sparsity <= 1.0:
+        raise ValueError(f"max_sparsity must be in [target, 1] = [{target}, 1]; got {max_sparsity}")
+    low, high = min(alphas), max(alphas)
+    raw = ([1.0] * len(sizes) if high - low <= 0.0 else
+           [1.0 - epsilon + 2.0 * epsilon * (a - low) / (high - low) for a in alphas])
+    capped: set[int] = set()
+    values = [0.0] * len(sizes)
+    budget = target * sum(sizes)  # weights to prune
+    while True:
+        free = [g for g in range(len(sizes)) if g not in capped]
+        left = budget - max_sparsity * sum(sizes[g] for g in capped)
+        weight = sum(raw[g] * sizes[g] for g in free)
+        if weight <= 0.0:  # everything capped (only within float error, as max_sparsity >= target)
+            scale = 0.0
+            break
+        scale = left / weight
+        over = [g for g in free if raw[g] * scale > max_sparsity]
+        if not over:
+            break
+        capped.update(over)
+    for g in range(len(sizes)):
+        values[g] = max_sparsity if g in capped else raw[g] * scale
+    return _exact(values, sizes, target)
+
+
+def dlp_spread(unimportance: Sequence[float], sizes: Sequence[int], target: float, alpha: float = 0.15) -> list[float]:
+    """DLP: a group's unimportance U (the median of its weights' |W| * ||X|| scores) becomes its relative
+    importance I = 1 - U / sum(U); importances are mapped linearly onto [target - alpha, target + alpha], the most
+    important group the least sparse, then shifted together so that the parameter-weighted mean is the target
+    (the paper shifts by the plain mean: the same for blocks of equal size). That is OWL's spread, on I."""
+    _check(unimportance, sizes, target)
+    if any(u < 0 for u in unimportance):
+        raise ValueError("unimportance is a median of absolute scores: it cannot be negative")
+    total = sum(unimportance)
+    importance = [1.0 - u / total for u in unimportance] if total > 0 else [1.0] * len(sizes)
+    return owl_spread(importance, sizes, target, alpha)
+
+
+def _exact(values: list[float], sizes: Sequence[int], target: float) -> list[float]:
+    """The weighted mean to the last ulp: the largest group that stays in [0, 1] absorbs the float error."""
+    error = target - weighted_mean(values, sizes)
+    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        adjusted = values[g] + error * sum(sizes) / sizes[g]
+        if 0.0 <= adjusted <= 1.0:
+            values[g] = adjusted
+            break
+    return values
+
+
 def _sparsities(keep: Sequence[float], sizes: Sequence[int], target: float) -> list[float]:
     values = [1.0 - k / n for k, n in zip(keep, sizes, strict=True)]
     # Float sums leave the mean a few ulps off; the last open group absorbs that so it is the target.

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from workers.pruning.allocation.plan import cache_options, raw_scores, score_inputs
+from workers.pruning.allocation.registry import get_allocation
 from workers.pruning.checkpoint import digest_path
 from workers.pruning.files import write_whole
 from workers.pruning.models import Tower
@@ -49,10 +50,12 @@ def score_cache_key(spec: PruneSpec, towers: Sequence[Tower], options: dict[str,
                 "calibration": {"num_samples": spec.calibration.num_samples, "seq_len": spec.calibration.seq_len},
                 "towers": [tower.prefix for tower in towers], "options": options, "device": device.type,
                 "dtype": str(dtype), "torch": torch.__version__, "version": KEY_VERSION}
+    if get_allocation(spec.allocation.name).data_free:  # scores of the weights alone serve any dataset
+        identity["dataset"] = identity["calibration"] = None
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def cached_scores(spec: PruneSpec, model: ModelAdapter, towers: Sequence[Tower], calibration: ModelInputs,
+def cached_scores(spec: PruneSpec, model: ModelAdapter, towers: Sequence[Tower], calibration: ModelInputs | None,
                   device: torch.device, cache: ScoreCache | None, should_cancel: Callable[[], bool],
                   on_progress: Callable[[Progress], None]) -> Scores:
     """The allocation's raw scores, from the cache when an earlier job computed them with the same options."""
@@ -66,7 +69,8 @@ def cached_scores(spec: PruneSpec, model: ModelAdapter, towers: Sequence[Tower],
                                                   "no scoring pass was needed."))
             return Scores(cached, {"cache": "hit", "cache_key": key, "scoring_s": 0.0, "options": options,
                                    "cached_scoring_s": cached.get("scoring_s")})
-    inputs = score_inputs(model, calibration, spec.allocation)
+    # None: a data-free allocation, for which the job loaded no calibration data
+    inputs = score_inputs(model, calibration, spec.allocation) if calibration is not None else None
     start = time.perf_counter()
 
     def step(done: int, total: int) -> None:

@@ -32,6 +32,12 @@ def needs_scores(spec: AllocationSpec) -> bool:
     return get_allocation(spec.name).score is not None
 
 
+def needs_data(spec: AllocationSpec) -> bool:
+    """Whether the allocation's scores need calibration data (alphapruning's come from the weights alone)."""
+    allocation = get_allocation(spec.name)
+    return allocation.score is not None and not allocation.data_free
+
+
 def score_inputs(model: AnyModel, inputs: ModelInputs, spec: AllocationSpec) -> ModelInputs:
     """The first num_samples calibration samples, text cut to seq_len (a causal LM's windows only)."""
     tensors = {name: tensor[:spec.num_samples] for name, tensor in inputs.tensors.items()}
@@ -40,19 +46,26 @@ def score_inputs(model: AnyModel, inputs: ModelInputs, spec: AllocationSpec) -> 
     return ModelInputs(tensors, inputs.options)
 
 
-def raw_scores(model: AnyModel, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec, seed: int,
-               should_cancel: Callable[[], bool], on_step: Callable[[int, int], None]) -> dict[str, Any]:
-    """What the allocation is computed from, as plain JSON: per-layer scores, or outlier counts per group."""
-    score = get_allocation(spec.name).score
-    if score is None:
+def raw_scores(model: AnyModel, towers: Sequence[Tower], inputs: ModelInputs | None, spec: AllocationSpec,
+               seed: int, should_cancel: Callable[[], bool], on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    """What the allocation is computed from, as plain JSON: per-layer scores, or outlier counts per group.
+    inputs may be None for a data-free allocation."""
+    allocation = get_allocation(spec.name)
+    if allocation.score is None:
         raise JobError("invalid_spec", f"Allocation {spec.name!r} has no scores.")
-    return score(adapt(model), towers, inputs, spec, seed, should_cancel, on_step)
+    if inputs is None and not allocation.data_free:
+        raise JobError("invalid_spec", f"Allocation {spec.name!r} needs calibration data.")
+    return allocation.score(adapt(model), towers, inputs if inputs is not None else ModelInputs({}), spec, seed,
+                            should_cancel, on_step)
 
 
 def cache_options(spec: AllocationSpec, seed: int) -> dict[str, Any]:
     """The options the raw scores depend on (not the target, max_sparsity or spread: those act later)."""
+    allocation = get_allocation(spec.name)
+    if allocation.data_free:
+        return {"allocation": spec.name, **allocation.cache_options(spec)}
     return {"allocation": spec.name, "num_samples": spec.num_samples, "seq_len": spec.seq_len, "seed": seed,
-            **get_allocation(spec.name).cache_options(spec)}
+            **allocation.cache_options(spec)}
 
 
 def allocate(plan: Sequence[tuple[Tower, float]], spec: AllocationSpec, raw: dict[str, Any],

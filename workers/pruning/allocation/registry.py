@@ -3,12 +3,13 @@ which of its options the scores depend on (the score cache's key), and how score
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prunekit.vocabulary import default_max_sparsity
-from workers.pruning.allocation import budget, scoring
+from prunekit.vocabulary import MAX_SPARSITY_CAP, default_max_sparsity
+from workers.pruning.allocation import budget, scoring, spectral
 from workers.pruning.allocation.groups import Group
 from workers.pruning.models import Tower
 from workers.pruning.multimodal import ModelAdapter
@@ -32,6 +33,9 @@ class Allocation:
     group_values: Callable[[dict[str, Any], Sequence[Group]], list[float]] | None
     # (values, group sizes, target, spec) -> one sparsity per group whose size-weighted mean is the target
     spread: Callable[[list[float], list[int], float, AllocationSpec], list[float]] | None
+    # Scores from the weights alone (alphapruning): no calibration data is loaded for them, and their cache key
+    # names neither the dataset nor the calibration options.
+    data_free: bool = False
 
 
 def max_sparsity(spec: AllocationSpec, target: float) -> float:
@@ -50,8 +54,12 @@ def _no_options(_spec: AllocationSpec) -> dict[str, Any]:
 def _zeroth_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
                    seed: int, should_cancel: Callable[[], bool],
                    on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    if spec.perturbation == "block" and spec.granularity != "block":
+        raise JobError("invalid_spec", "allocation_options.perturbation block scores whole blocks; it needs "
+                                       "granularity block.")
     return {"scores": scoring.zeroth_order_scores(model, towers, inputs, spec.eps, seed,
-                                                  should_cancel=should_cancel, on_layer=on_step)}
+                                                  should_cancel=should_cancel, on_layer=on_step,
+                                                  perturbation=spec.perturbation)}
 
 
 def _first_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, _spec: AllocationSpec,
@@ -69,8 +77,28 @@ def _owl_outliers(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInp
     return {"outliers": {name: list(count) for name, count in counts.items()}}
 
 
+def _alpha_hill(_model: ModelAdapter, towers: Sequence[Tower], _inputs: ModelInputs, _spec: AllocationSpec,
+                _seed: int, should_cancel: Callable[[], bool],
+                on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    alphas = spectral.layer_alphas(towers, should_cancel=should_cancel, on_layer=on_step)
+    # None where undefined (a matrix of rank < 2): JSON has no NaN.
+    return {"alphas": {name: None if math.isnan(alpha) else alpha for name, alpha in alphas.items()}}
+
+
+def _dlp_medians(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
+                 _seed: int, should_cancel: Callable[[], bool],
+                 _on_step: Callable[[int, int], None]) -> dict[str, Any]:
+    return {"unimportance": scoring.median_scores(model.model, towers, inputs, per_layer=spec.granularity == "layer",
+                                                  should_cancel=should_cancel)}
+
+
 def _zeroth_options(spec: AllocationSpec) -> dict[str, Any]:
-    return {"eps": spec.eps}
+    # "tensor" adds nothing: the keys of scores cached before the option existed stay valid.
+    return {"eps": spec.eps} | ({"perturbation": spec.perturbation} if spec.perturbation != "tensor" else {})
+
+
+def _granularity_options(spec: AllocationSpec) -> dict[str, Any]:
+    return {"granularity": spec.granularity}
 
 
 def _owl_options(spec: AllocationSpec) -> dict[str, Any]:
@@ -78,8 +106,30 @@ def _owl_options(spec: AllocationSpec) -> dict[str, Any]:
 
 
 def _summed_scores(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
-    scores = raw["scores"]
-    return [sum(scores.get(layer, 0.0) for layer in g.layers) for g in groups]
+    scores = raw["scores"]  # per layer, or per block (perturbation "block"): then under the group's own name
+    return [scores[g.name] if g.name in scores else sum(scores.get(layer, 0.0) for layer in g.layers)
+            for g in groups]
+
+
+def _mean_alphas(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
+    """A block's exponent is the plain mean of its layers' (AlphaPruning's block_wise mapping); a group whose
+    every exponent is undefined takes the mean of all groups', so that the mapping puts it in the middle."""
+    alphas = raw["alphas"]
+    values = [[alphas[layer] for layer in g.layers if alphas.get(layer) is not None] for g in groups]
+    means = [sum(v) / len(v) if v else None for v in values]
+    known = [m for m in means if m is not None]
+    if not known:
+        raise JobError("invalid_spec", "alphapruning found no weight matrix with two or more nonzero singular "
+                                       "values; it has nothing to rank the blocks by.")
+    return [m if m is not None else sum(known) / len(known) for m in means]
+
+
+def _unimportance(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
+    medians = raw["unimportance"]
+    known = [medians[g.name] for g in groups if g.name in medians]
+    # A group no calibration input reached (a Q-Former text sublayer) is left at the others' mean.
+    fill = sum(known) / len(known) if known else 0.0
+    return [float(medians.get(g.name, fill)) for g in groups]
 
 
 def _outlier_ratios(raw: dict[str, Any], groups: Sequence[Group]) -> list[float]:
@@ -96,11 +146,25 @@ def _owl_spread(values: list[float], sizes: list[int], target: float, spec: Allo
     return budget.owl_spread(values, sizes, target, spread)
 
 
+def _alpha_spread(values: list[float], sizes: list[int], target: float, spec: AllocationSpec) -> list[float]:
+    # The paper caps nothing; a group is held at max_sparsity when the job sets it, else just below 1.
+    cap = max_sparsity(spec, target) if spec.max_sparsity is not None else MAX_SPARSITY_CAP
+    return budget.alpha_spread(values, sizes, target, spec.epsilon, max(cap, target))
+
+
+def _dlp_spread(values: list[float], sizes: list[int], target: float, spec: AllocationSpec) -> list[float]:
+    # As OWL's lambda: half the room on either side of the target at most, so that the shift stays in [0, 1].
+    return budget.dlp_spread(values, sizes, target, min(spec.alpha, min(target, 1.0 - target) / 2))
+
+
 ALLOCATIONS: dict[str, Allocation] = {
     "uniform": Allocation("uniform", None, _no_options, None, None),
     "ecoflap-zeroth": Allocation("ecoflap-zeroth", _zeroth_scores, _zeroth_options, _summed_scores, _water_fill),
     "ecoflap-first": Allocation("ecoflap-first", _first_scores, _no_options, _summed_scores, _water_fill),
     "owl": Allocation("owl", _owl_outliers, _owl_options, _outlier_ratios, _owl_spread),
+    "alphapruning": Allocation("alphapruning", _alpha_hill, _no_options, _mean_alphas, _alpha_spread,
+                               data_free=True),
+    "dlp": Allocation("dlp", _dlp_medians, _granularity_options, _unimportance, _dlp_spread),
 }
 
 

@@ -28,6 +28,10 @@ class Method:
     new_stats: Callable[[nn.Linear], Stats] | None
     # (weight, stats, sparsity, pattern) -> the pruned weight
     prune: Callable[[torch.Tensor, Stats | None, float, str], torch.Tensor]
+    # Layers that read the same input share one stats object (sequential.gather_stats); a method whose pruning
+    # has per-input work to share (SparseGPT's H⁻¹) prunes them together: (weights, their shared stats, their
+    # sparsities, pattern) -> the pruned weights, each exactly what `prune` would give it. None: one by one.
+    prune_group: Callable[[list[torch.Tensor], Stats | None, list[float], str], list[torch.Tensor]] | None = None
 
 
 def _magnitude_prune(weight: torch.Tensor, _stats: Stats | None, sparsity: float,
@@ -55,10 +59,17 @@ def _sparsegpt_prune(weight: torch.Tensor, stats: Stats | None, sparsity: float,
     return sparsegpt.prune(weight, stats.matrix, sparsity, pattern)
 
 
+def _sparsegpt_prune_group(weights: list[torch.Tensor], stats: Stats | None, sparsities: list[float],
+                           pattern: str) -> list[torch.Tensor]:
+    if not isinstance(stats, sparsegpt.Hessian) or stats.tokens == 0:
+        raise RuntimeError("sparsegpt needs input statistics from at least one calibration token")
+    return sparsegpt.prune_stacked(weights, stats.matrix, sparsities, pattern)
+
+
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", None, _magnitude_prune),
     "wanda": Method("wanda", _wanda_stats, _wanda_prune),
-    "sparsegpt": Method("sparsegpt", _sparsegpt_stats, _sparsegpt_prune),
+    "sparsegpt": Method("sparsegpt", _sparsegpt_stats, _sparsegpt_prune, _sparsegpt_prune_group),
 }
 
 

@@ -8,11 +8,13 @@ reach later blocks lazily in one matrix product, and masks chosen block by block
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 
-from workers.pruning.patterns import nm_mask, parse_pattern, prune_count
+from workers.pruning.patterns import nm_mask, parse_pattern, row_prune_counts
 from workers.pruning.spec import JobError
 
 BLOCK_SIZE = 128
@@ -45,11 +47,30 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
           block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """The pruned and updated weight, in the weight's dtype.
 
-    Unstructured: every row ends with exactly floor(sparsity · in_features) zeros (as Wanda), each block
-    taking its share of every row's count. N:M: each group of m columns loses its m - n lowest scores,
-    scored when the group is reached, so that earlier groups' updates count.
+    Unstructured: the layer ends with exactly round(sparsity · rows · in_features) zeros, every row with
+    floor(sparsity · in_features) or one more (patterns.row_prune_counts, on the scores before any update),
+    each block taking its share of every row's count. N:M: each group of m columns loses its m - n lowest
+    scores, scored when the group is reached, so that earlier groups' updates count.
     """
-    rows, cols = weight.shape
+    return prune_stacked([weight], hessian, [sparsity], pattern, block_size)[0]
+
+
+def prune_stacked(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsities: Sequence[float],
+                  pattern: str = "unstructured", block_size: int = BLOCK_SIZE) -> list[torch.Tensor]:
+    """Layers that read the same input (q, k, v; gate, up) pruned as one matrix [W_1; W_2; ...] with one H⁻¹.
+
+    SparseGPT treats rows independently once H is fixed (the mask of a row depends on its own scores, the
+    update of a row on its own errors), so this is pruning each layer alone with the same H, bit for bit:
+    every layer keeps its own sparsity and its own row counts, and the one matrix product is still done per
+    layer so that its shapes, and so its rounding, are the one-by-one ones. What is shared is the work that
+    does not depend on the rows: H (gathered once, sequential.gather_stats), H⁻¹'s factor, and the per-column
+    loop's small operations, once over all rows instead of once per layer.
+    """
+    if len(weights) != len(sparsities) or not weights:
+        raise ValueError("need one sparsity per weight, and at least one weight")
+    cols = weights[0].shape[1]
+    if any(w.shape[1] != cols for w in weights):
+        raise ValueError("stacked layers must have the same in_features")
     nm = parse_pattern(pattern)
     if nm is not None and cols % nm[1]:
         raise JobError("unsupported_pattern",
@@ -57,7 +78,11 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
     if nm is not None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])  # groups must never straddle two blocks
 
-    w = weight.detach().to(torch.float32).clone()
+    bounds = [0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight.shape[0])
+    segments = list(itertools.pairwise(bounds))
+    w = torch.cat([weight.detach().to(torch.float32) for weight in weights])
     h = hessian.detach().to(w.device, torch.float32).clone()
     # An input that never fired carries no information: its weights cannot matter on this data, and a unit
     # diagonal keeps H invertible without touching the other columns.
@@ -66,9 +91,17 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
     w[:, dead] = 0
     u = _inverse_cholesky(h)
 
+    rows = w.shape[0]
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
-    total = prune_count(sparsity, cols)
-    pruned = 0  # per row, identical for every row by construction
+    if nm is None:
+        # Each layer's own rows: its count and which rows take the one extra zero, from the scores before any
+        # update (as if the whole row were one block).
+        initial = w.pow(2) / torch.diagonal(u).pow(2).unsqueeze(0)
+        quota = torch.cat([row_prune_counts(initial[a:b], sparsity)
+                           for (a, b), sparsity in zip(segments, sparsities, strict=True)])
+        ratio = torch.cat([torch.full((b - a,), sparsity, dtype=torch.float64, device=w.device)
+                           for (a, b), sparsity in zip(segments, sparsities, strict=True)])
+        pruned = torch.zeros(rows, dtype=torch.int64, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = w[:, start:end].clone()
@@ -76,9 +109,11 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
         diag = torch.diagonal(u_block)
         block_keep = keep[:, start:end]
         if nm is None:
-            # round() spreads the count evenly over blocks; the last block lands exactly on the floor.
-            target = total if end == cols else min(round(sparsity * end), total)
-            count = max(0, min(target - pruned, end - start))
+            # round() spreads a row's count evenly over the blocks; the last block lands exactly on it, and no
+            # row is left more to prune than the columns after this block can take.
+            target = torch.minimum(torch.floor(ratio * end + 0.5).to(torch.int64), quota)
+            target = torch.maximum(target, quota - (cols - end))
+            count = (target - pruned).clamp(0, end - start)
             _prune_lowest(block_keep, block.pow(2) / diag.pow(2).unsqueeze(0), count)
             pruned += count
         errors = torch.zeros_like(block)
@@ -92,15 +127,19 @@ def prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern:
             block[:, j:] -= error.unsqueeze(1) * u_block[j, j:].unsqueeze(0)
             errors[:, j] = error
         w[:, start:end] = block.masked_fill(~block_keep, 0)
-        w[:, end:] -= errors @ u[start:end, end:]
-    return w.masked_fill(~keep, 0).to(weight.dtype)
+        if end < cols:
+            for a, b in segments:  # per layer: a matrix product's rounding may depend on its shape
+                w[a:b, end:] -= errors[a:b] @ u[start:end, end:]
+    w = w.masked_fill(~keep, 0)
+    return [w[a:b].to(weight.dtype) for (a, b), weight in zip(segments, weights, strict=True)]
 
 
-def _prune_lowest(keep: torch.Tensor, scores: torch.Tensor, count: int) -> None:
-    """Clears, in every row of keep, the count lowest scores; ties go to the lower index (stable sort)."""
-    if count:
-        lowest = torch.sort(scores, dim=1, stable=True).indices[:, :count]
-        keep.scatter_(1, lowest, False)
+def _prune_lowest(keep: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
+    """Clears, in every row r of keep, its counts[r] lowest scores; ties go to the lower index (stable sort)."""
+    if int(counts.max()):
+        order = torch.sort(scores, dim=1, stable=True).indices
+        ranks = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+        keep.scatter_(1, order, keep.gather(1, order) & (ranks >= counts.unsqueeze(1)))
 
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
