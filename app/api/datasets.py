@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Annotated
@@ -11,6 +10,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.api.upload_files import CHUNK, copy_capped
 from app.errors import Problem
 from app.schemas import DATASET_ID_PATTERN, DatasetList, DatasetOut, dataset_out, is_id
 from prunekit.core import layout
@@ -22,7 +22,6 @@ from prunekit.core.uploads import CheckedUpload, InvalidUpload, check_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-_CHUNK = 1 << 20
 # A dataset's name (the column's width); the file's name stands in, cut to it, when none is given.
 NAME_CHARS = 255
 NO_NUL_PATTERN = "^[^\\u0000]*$"
@@ -33,7 +32,7 @@ _CONTENT_TYPES = {"data.txt": "text/plain", "data.jsonl": "application/jsonl", "
 def reject_oversized(request: Request, settings: Settings) -> None:
     """Refuses before the body is read when the client announces its size honestly."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_upload_bytes + _CHUNK:  # + the multipart envelope
+    if declared.isdigit() and int(declared) > settings.max_upload_bytes + CHUNK:  # + the multipart envelope
         raise _too_large(settings)
 
 
@@ -58,7 +57,7 @@ def upload_dataset(request: Request, session: SessionDep, principal: PrincipalDe
         raise Problem(422, "invalid_upload", "The uploaded file's name holds a NUL character.", param="file")
     with tempfile.TemporaryDirectory(prefix="prunekit-upload-") as scratch:
         path = Path(scratch) / "upload"
-        size, digest = _copy_capped(file, path, settings)
+        size, digest = copy_capped(file, path, settings.max_upload_bytes, _too_large(settings))
         checked = _check(path, filename, settings)
         dataset = Dataset(id=new_id("ds"), tenant_id=principal.tenant_id, name=name or filename[:NAME_CHARS],
                           kind=checked.kind,
@@ -68,20 +67,6 @@ def upload_dataset(request: Request, session: SessionDep, principal: PrincipalDe
     queries.add_dataset(session, dataset)
     session.commit()  # visible to the very next request, which may be a job naming it
     return dataset_out(dataset)
-
-
-def _copy_capped(upload: UploadFile, dest: Path, settings: Settings) -> tuple[int, str]:
-    size, digest = 0, hashlib.sha256()
-    with dest.open("wb") as out:
-        while chunk := upload.file.read(_CHUNK):
-            size += len(chunk)
-            if size > settings.max_upload_bytes:
-                raise _too_large(settings)
-            digest.update(chunk)
-            out.write(chunk)
-    if size == 0:
-        raise Problem(422, "invalid_upload", "The uploaded file is empty.", param="file")
-    return size, digest.hexdigest()
 
 
 def _check(path: Path, filename: str, settings: Settings) -> CheckedUpload:

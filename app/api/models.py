@@ -8,7 +8,6 @@ cannot load is marked `failed` with its message (workers/inputs.py).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import tempfile
@@ -19,6 +18,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 
 from app.api.deps import PrincipalDep, SessionDep, SettingsDep
+from app.api.upload_files import CHUNK, copy_capped
 from app.errors import Problem
 from app.schemas import MODEL_ID_PATTERN, S3_URL_PATTERN, ModelError, ModelList, ModelOut, is_id
 from prunekit.core import layout
@@ -43,7 +43,6 @@ from prunekit.core.storage import parse_s3_url
 router = APIRouter(prefix="/v1/models", tags=["models"])
 log = logging.getLogger("prunekit.api")
 
-_CHUNK = 1 << 20
 NAME_CHARS = 255
 NO_NUL_PATTERN = "^[^\\u0000]*$"
 SOURCE_CHARS = 1024
@@ -80,7 +79,7 @@ def create_model(request: Request, session: SessionDep, principal: PrincipalDep,
 def _from_archive(request: Request, tenant_id: str, settings: Settings, file: UploadFile,
                   name: str | None) -> TenantModel:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_model_upload_bytes + _CHUNK:  # + the multipart envelope
+    if declared.isdigit() and int(declared) > settings.max_model_upload_bytes + CHUNK:  # + the multipart envelope
         raise _too_large(settings)
     filename = PurePosixPath((file.filename or "").replace("\\", "/")).name
     if not filename or "\x00" in filename:
@@ -93,7 +92,7 @@ def _from_archive(request: Request, tenant_id: str, settings: Settings, file: Up
     with tempfile.TemporaryDirectory(prefix="prunekit-model-") as scratch:
         archive, folder = Path(scratch) / "upload", Path(scratch) / "model"
         folder.mkdir()
-        size, digest = _copy_capped(file, archive, settings)
+        size, digest = copy_capped(file, archive, settings.max_model_upload_bytes, _too_large(settings))
         try:
             extract_model_archive(archive, filename, folder, settings.model_archive_limits())
             archive.unlink()
@@ -150,20 +149,6 @@ def _stem(filename: str) -> str:
 def _too_large(settings: Settings) -> Problem:
     return Problem(413, "upload_too_large", f"Model archives are limited to {settings.max_model_upload_bytes} bytes; "
                    "register a larger model as an s3:// prefix (`source`).", param="file")
-
-
-def _copy_capped(upload: UploadFile, dest: Path, settings: Settings) -> tuple[int, str]:
-    size, digest = 0, hashlib.sha256()
-    with dest.open("wb") as out:
-        while chunk := upload.file.read(_CHUNK):
-            size += len(chunk)
-            if size > settings.max_model_upload_bytes:
-                raise _too_large(settings)
-            digest.update(chunk)
-            out.write(chunk)
-    if size == 0:
-        raise Problem(422, "invalid_upload", "The uploaded file is empty.", param="file")
-    return size, digest.hexdigest()
 
 
 # --- read, list, delete ----------------------------------------------------------------------------------------

@@ -142,15 +142,8 @@ def _exact(values: list[float], sizes: Sequence[int], target: float) -> list[flo
 
 
 def _sparsities(keep: Sequence[float], sizes: Sequence[int], target: float) -> list[float]:
-    values = [1.0 - k / n for k, n in zip(keep, sizes, strict=True)]
-    # Float sums leave the mean a few ulps off; the last open group absorbs that so it is the target.
-    error = target - weighted_mean(values, sizes)
-    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
-        adjusted = values[g] + error * sum(sizes) / sizes[g]
-        if 0.0 <= adjusted <= 1.0:
-            values[g] = adjusted
-            break
-    return values
+    # Float sums leave the mean a few ulps off; one group absorbs that so it is the target.
+    return _exact([1.0 - k / n for k, n in zip(keep, sizes, strict=True)], sizes, target)
 
 
 def _check(scores: Sequence[float], sizes: Sequence[int], target: float) -> None:
