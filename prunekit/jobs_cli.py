@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 
 from prunekit.client import ApiError, Client
 from prunekit.core.config import get_settings
+from prunekit.core.transfer import sha256_of
 
 
 def add_parser(sub: Any) -> None:
@@ -119,7 +119,7 @@ def download(client: Client, job_id: str, dest: Path) -> int:
         path = dest / artifact["name"]
         path.parent.mkdir(parents=True, exist_ok=True)
         client.download(artifact["id"], path)
-        if hashlib.sha256(path.read_bytes()).hexdigest() != artifact["sha256"]:
+        if sha256_of(path) != artifact["sha256"]:  # one buffer at a time: artifacts run to several GB
             print(f"sha256 mismatch for {artifact['name']}", file=sys.stderr)
             return 1
         print(f"{path}  {artifact['size_bytes']} bytes  sha256 ok")

@@ -89,7 +89,8 @@ def _parent_keys(session: Any, tenant_id: str, job_id: str, sparsity: str | None
 def _fetch_s3(ref: str, settings: Settings, dest: Path) -> Path:
     bucket, prefix = parse_s3_url(ref)
     # The user's bucket, not the artifact store: a client of its own.
-    store = S3Store(bucket=bucket, prefix=prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    store = S3Store(bucket=bucket, prefix=prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                    part_size_mb=settings.s3_part_size_mb)
     try:
         keys = store.list_keys("")
     except Exception as exc:

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # Where clients reach S3 when it differs from where the services do (e.g. minio inside docker-compose).
     s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Files this size (MiB) or larger go to S3 in parts of this size, several at once; one upload holds at most five
+    # parts in memory. S3 takes parts of 5 MiB to 5 GiB and at most 10,000 of them (boto3 enlarges the parts of a
+    # file that would need more).
+    s3_part_size_mb: int = Field(default=64, ge=5, le=5120)
     models_root: Path | None = None
     hf_cache_dir: Path | None = None
     work_dir: Path | None = None

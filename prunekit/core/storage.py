@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from prunekit.core.config import Settings
+from prunekit.core.transfer import HashingReader, copy_hashed, s3_transfer_config
 
 log = logging.getLogger("prunekit.storage")
 T = TypeVar("T")
@@ -26,7 +27,8 @@ DIR_MODE = 0o755
 
 
 class ArtifactStore(Protocol):
-    def put_file(self, key: str, path: Path, content_type: str) -> None: ...
+    # Stores the file, read once and one piece at a time, and returns the sha256 of the bytes it read.
+    def put_file(self, key: str, path: Path, content_type: str) -> str: ...
     def download_file(self, key: str, dest: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> list[str]: ...
@@ -49,7 +51,7 @@ class LocalStore:
     def path_for(self, key: str) -> Path:
         return self.root / safe_key(key)
 
-    def put_file(self, key: str, path: Path, content_type: str) -> None:
+    def put_file(self, key: str, path: Path, content_type: str) -> str:
         dest = self.path_for(key)
         _make_folders(dest.parent)
         # An unpredictable name of our own beside the destination (so the rename is atomic): nobody can plant or
@@ -58,16 +60,17 @@ class LocalStore:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            shutil.copyfile(path, tmp)
+            digest = copy_hashed(path, tmp)
             tmp.chmod(FILE_MODE)  # mkstemp makes it private, and save_pretrained's files may be 0600 too
             tmp.replace(dest)  # readers never see a half-written artifact
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return digest
 
     def download_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.path_for(key), dest)
+        shutil.copyfile(self.path_for(key), dest)  # in kernel-sized pieces (sendfile on Linux), never whole
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -109,8 +112,11 @@ class S3Store:
     endpoint_url: str | None = None
     region: str = "us-east-1"
     public_endpoint_url: str | None = None
+    # Files this size or larger go up (and come down) in parts of this size, several at once (S3_PART_SIZE_MB).
+    part_size_mb: int = 64
 
     def __post_init__(self) -> None:
+        self.transfer_config = s3_transfer_config(self.part_size_mb)
         self.client = self._client(self.endpoint_url)
         self.public_client = self._client(self.public_endpoint_url) if self.public_endpoint_url else self.client
 
@@ -130,12 +136,20 @@ class S3Store:
         key = safe_key(key)
         return f"{self.prefix.rstrip('/')}/{key}" if self.prefix else key
 
-    def put_file(self, key: str, path: Path, content_type: str) -> None:
-        self.client.upload_file(str(path), self.bucket, self._full(key), ExtraArgs={"ContentType": content_type})
+    def put_file(self, key: str, path: Path, content_type: str) -> str:
+        # From the open file rather than its name: the transfer manager then reads the parts in order, one at a
+        # time, and the reader hashes them on the way (one read of a multi-GB shard, not one to hash it and
+        # another to send it).
+        with path.open("rb") as fh:
+            reader = HashingReader(fh)
+            self.client.upload_fileobj(reader, self.bucket, self._full(key),
+                                       ExtraArgs={"ContentType": content_type}, Config=self.transfer_config)
+            return reader.hexdigest()
 
     def download_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(self.bucket, self._full(key), str(dest))
+        # Parts fetched with ranged GETs and written to a temporary file beside dest, renamed when complete.
+        self.client.download_file(self.bucket, self._full(key), str(dest), Config=self.transfer_config)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -251,5 +265,6 @@ def make_store(settings: Settings) -> ArtifactStore:
     if settings.artifact_store.startswith("s3://"):
         bucket, prefix = parse_s3_url(settings.artifact_store)
         return S3Store(bucket=bucket, prefix=prefix, endpoint_url=settings.s3_endpoint_url,
-                       region=settings.s3_region, public_endpoint_url=settings.s3_public_endpoint_url)
+                       region=settings.s3_region, public_endpoint_url=settings.s3_public_endpoint_url,
+                       part_size_mb=settings.s3_part_size_mb)
     return LocalStore(root=Path(settings.artifact_store).resolve())

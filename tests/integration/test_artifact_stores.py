@@ -28,7 +28,9 @@ def test_put_list_download_delete(store: LocalStore | S3Store, tmp_path: Path) -
     payload = secrets.token_bytes(300_000)
     src = tmp_path / "model.safetensors"
     src.write_bytes(payload)
-    store.put_file("ten_a/job_1/model.safetensors", src, "application/octet-stream")
+    # The sha256 of what was stored comes back from the same read that stored it.
+    assert store.put_file("ten_a/job_1/model.safetensors", src, "application/octet-stream") == \
+        hashlib.sha256(payload).hexdigest()
     store.put_file("ten_a/job_1/sub/config.json", src, "application/json")
     store.put_file("ten_a/job_10/report.json", src, "application/json")
 
