@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test fuzz lint bench bench-quality bench-clip bench-allocation bench-restore bench-load clean
+.PHONY: install run test fuzz lint bench bench-quality bench-clip bench-allocation bench-restore bench-load bench-scale clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench-clip: install
 # cost (BENCH_ARGS="--zeroth"); hours on a small CPU. Resumes by itself; BENCH_ARGS="--only wanda-owl-0.7".
 bench-allocation: install
 	$(BIN)/python bench/allocation.py $(BENCH_ARGS)
+
+# Models larger than memory, streamed from disk block by block: Wanda on synthetic Llama models of 0.1B to 3B
+# parameters (written to var/bench/synth and deleted after each row; the 3B one is 12 GB), SparseGPT at 1B, and
+# SmolLM2 streamed against in memory; hours on a small CPU. BENCH_ARGS="--only wanda-0.1b" or "--quick".
+bench-scale: install
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 # SparseLoRA restoration (and plain LoRA beside it) after pruning SmolLM2 and digits-clip: the share of the
 # quality gap won back in 15 CPU minutes; about two hours on a small CPU. BENCH_ARGS="--only <row>" or "--quick".

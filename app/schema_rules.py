@@ -12,7 +12,7 @@ import math
 from functools import cache
 from typing import Any
 
-from prunekit.vocabulary import PATTERNS, UNIFORM, fits_pattern, fixed_sparsity, same_sparsity
+from prunekit.vocabulary import OFFLOAD_MODES, PATTERNS, UNIFORM, fits_pattern, fixed_sparsity, same_sparsity
 
 _NULL = {"type": "null"}
 
@@ -30,8 +30,8 @@ def job_rules(schema: dict[str, Any]) -> None:
         # _sweep_fits: a sweep cannot be combined with per-tower targets.
         {"if": {"required": ["sweep"], "properties": {"sweep": {"type": "object"}}},
          "then": {"properties": {"targets": _NULL}}},
-        # _not_with_restore: offloading and restoration exclude each other.
-        {"if": {"required": ["offload"], "properties": {"offload": {"const": True}}},
+        # _not_with_offload: offloading (true, "cpu") or streaming ("disk") and restoration exclude each other.
+        {"if": {"required": ["offload"], "properties": {"offload": {"enum": [True, *OFFLOAD_MODES[1:]]}}},
          "then": {"properties": {"restore": _NULL}}},
     ]
     rules += _budget_rules()

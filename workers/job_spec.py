@@ -1,13 +1,15 @@
 """A job's request (as the API stored it) as the engine's plain-data PruneSpec, with what the deployment's settings
-add: the device, and the archive limits the API checked the job's uploaded datasets with."""
+add: the device, the archive limits the API checked the job's uploaded datasets with, the worker's memory budget
+and the output's shard size."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from prunekit.core.config import Settings
-from prunekit.vocabulary import ALLOCATION, PATTERN, ArchiveLimits
+from prunekit.vocabulary import ALLOCATION, MEMORY_BUDGET_SHARE, OFFLOAD, PATTERN, ArchiveLimits, offload_mode
 from workers.pruning.spec import AllocationSpec, BudgetSpec, CalibrationSpec, EvaluationSpec, PruneSpec, RestoreSpec
 
 
@@ -25,13 +27,35 @@ def build_spec(request: dict[str, Any], model_dir: Path, settings: Settings) -> 
         evaluation=EvaluationSpec(**request.get("evaluation", {})),
         device=settings.device,
         targets=request.get("targets"),
-        offload=bool(request.get("offload", False)),
+        offload=offload_mode(request.get("offload", OFFLOAD)),
         allocation=AllocationSpec(name=request.get("allocation", ALLOCATION.name),
                                   **{key: value for key, value in (request.get("allocation_options") or {}).items()}),
         sweep=tuple(float(s) for s in (request.get("sweep") or {}).get("sparsities", ())),
         restore=restore_spec(request.get("restore"), limits),
         budget=BudgetSpec(**request["budget"]) if request.get("budget") else None,
+        memory_budget_mb=memory_budget_mb(settings),
+        output_shard_bytes=settings.output_shard_mb * 2**20,
     )
+
+
+def memory_budget_mb(settings: Settings) -> int | None:
+    """WORKER_MEMORY_BUDGET_MB, or a share of the memory this worker found available (None where unknown)."""
+    if settings.worker_memory_budget_mb is not None:
+        return settings.worker_memory_budget_mb
+    available = _available_mb()
+    return None if available is None else int(available * MEMORY_BUDGET_SHARE)
+
+
+@functools.cache
+def _available_mb() -> int | None:
+    """MemAvailable, read once per worker process: later jobs find it lowered by what earlier ones left cached."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def restore_spec(options: dict[str, Any] | None, archive_limits: ArchiveLimits | None = None) -> RestoreSpec | None:

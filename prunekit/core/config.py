@@ -13,6 +13,7 @@ from prunekit.vocabulary import (
     MAX_MODEL_UPLOAD_BYTES,
     MAX_UPLOAD_BYTES,
     MODEL_ARCHIVE_LIMITS,
+    OUTPUT_SHARD_BYTES,
     ArchiveLimits,
 )
 
@@ -78,6 +79,13 @@ class Settings(BaseSettings):
     max_model_upload_bytes: int = MAX_MODEL_UPLOAD_BYTES
     max_model_files: int = MODEL_ARCHIVE_LIMITS.max_members
     max_model_bytes: int = MODEL_ARCHIVE_LIMITS.max_total_bytes
+    # A model the worker writes (the pruned model) goes out in Hugging Face's sharded layout, shards of at most
+    # this many MB (a single tensor larger than that gets a shard of its own).
+    output_shard_mb: int = Field(default=OUTPUT_SHARD_BYTES // 2**20, ge=1)
+    # A job whose model (as loaded for compute: fp32 on a CPU worker) is larger than this many MB is streamed from
+    # disk block by block instead of loaded whole. Unset: a share (MEMORY_BUDGET_SHARE) of the memory available
+    # when the worker runs its first job.
+    worker_memory_budget_mb: int | None = Field(default=None, ge=1)
     # Reliability: a worker holds a job by a lease in the database, renewed every job_lease_s / 3; a lease
     # left to expire (the worker died) lets the reconciler hand the job to another worker.
     job_lease_s: float = 60.0

@@ -9,6 +9,7 @@ from prunekit.vocabulary.defaults import (
     BUDGET,
     CALIBRATION,
     EVALUATION,
+    MEMORY_BUDGET_SHARE,
     OFFLOAD,
     PATTERN,
     RESTORE,
@@ -24,6 +25,7 @@ from prunekit.vocabulary.limits import (
     MAX_MODEL_UPLOAD_BYTES,
     MAX_UPLOAD_BYTES,
     MODEL_ARCHIVE_LIMITS,
+    OUTPUT_SHARD_BYTES,
     ArchiveLimits,
 )
 from prunekit.vocabulary.names import (
@@ -43,6 +45,10 @@ from prunekit.vocabulary.names import (
     MODEL_ID_PREFIX,
     MODEL_SCHEMES,
     MODEL_STATUSES,
+    OFFLOAD_CPU,
+    OFFLOAD_DISK,
+    OFFLOAD_MEMORY,
+    OFFLOAD_MODES,
     OUT_OF_MEMORY,
     PATTERNS,
     PERTURBATIONS,
@@ -68,6 +74,7 @@ from prunekit.vocabulary.rules import (
     fixed_sparsity,
     in_open_unit,
     nm_pattern,
+    offload_mode,
     parse_job_model_ref,
     parse_pattern,
     same_sparsity,
@@ -93,6 +100,10 @@ __all__ = [
     "BUILTIN_TASKS", "TASK", "TASK_LIMITS", "WIKI_NEXT_SENTENCE", "task_record_problem",
     # ecoflap-zeroth's directions.
     "PERTURBATIONS",
+    # Where a job's model lives while it is pruned (streaming from disk included), and the worker's memory budget.
+    "MEMORY_BUDGET_SHARE", "OFFLOAD_CPU", "OFFLOAD_DISK", "OFFLOAD_MEMORY", "OFFLOAD_MODES", "offload_mode",
+    # Sharded model output.
+    "OUTPUT_SHARD_BYTES",
 ]
 
 # --- task accuracy ---------------------------------------------------------------------------------

@@ -73,3 +73,6 @@ RESTORE = RestoreDefaults()
 BUDGET = BudgetDefaults()
 PATTERN = UNSTRUCTURED
 OFFLOAD = False
+# A worker's memory budget when WORKER_MEMORY_BUDGET_MB is not set: this share of the memory available when it
+# starts. A model larger than the budget (as loaded for compute) is streamed from disk.
+MEMORY_BUDGET_SHARE = 0.6

@@ -65,3 +65,7 @@ TASK_LIMITS: dict[str, int] = {
     "choices": 26,  # choices of one item
     "chars": 20_000,  # characters of one item's context or of one choice
 }
+
+
+# --- a model the engine writes (the pruned model): Hugging Face's sharded layout, shards of at most this size ---
+OUTPUT_SHARD_BYTES = 2 * 1024**3

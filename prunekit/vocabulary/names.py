@@ -18,6 +18,13 @@ PERTURBATIONS = ("tensor", "block")
 # One sparsity per block, or per layer (allocation_options.granularity).
 GRANULARITIES = ("block", "layer")
 RESTORE_METHODS = ("sparse-lora", "lora")
+# Where a job's model lives while it is pruned (the spec's `offload`): all of it in memory; in CPU memory with one
+# block at a time on the device (the API's `offload: true` or "cpu"); or streamed from its files on disk, one block
+# at a time, the pruned blocks written straight to the output ("disk").
+OFFLOAD_MEMORY = "memory"
+OFFLOAD_CPU = "cpu"
+OFFLOAD_DISK = "disk"
+OFFLOAD_MODES = (OFFLOAD_MEMORY, OFFLOAD_CPU, OFFLOAD_DISK)
 # Towers a job's `targets` may name (per-tower sparsity of vision-language models; CLIP's text is "language").
 TOWERS = ("vision", "qformer", "language")
 # The towers pruned when a job names none: the Q-Former only when named.

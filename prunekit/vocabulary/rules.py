@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 import re
 
-from prunekit.vocabulary.names import JOB_MODEL_SCHEME, SWEEP_FOLDER, UNIFORM, UNSTRUCTURED
+from prunekit.vocabulary.names import (
+    JOB_MODEL_SCHEME,
+    OFFLOAD_CPU,
+    OFFLOAD_MEMORY,
+    OFFLOAD_MODES,
+    SWEEP_FOLDER,
+    UNIFORM,
+    UNSTRUCTURED,
+)
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 # Two sparsities closer than this are the same request (a float sent as 0.5 may arrive as 0.49999999999).
@@ -77,6 +85,17 @@ def sweep_fits_pattern(pattern: str | None) -> bool:
 def default_max_sparsity(target: float) -> float:
     """ECoFLaP's cap when allocation_options.max_sparsity is left out: the target + 0.1, below 1."""
     return min(target + MAX_SPARSITY_MARGIN, MAX_SPARSITY_CAP)
+
+
+def offload_mode(value: bool | str) -> str:
+    """The API's `offload` (false, true, "cpu", "disk") as one of OFFLOAD_MODES: true is "cpu", its first name."""
+    if value is True:
+        return OFFLOAD_CPU
+    if value is False:
+        return OFFLOAD_MEMORY
+    if value not in OFFLOAD_MODES:
+        raise ValueError(f"offload {value!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    return value
 
 
 # --- chained jobs -----------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def assert_problem(response: Any, status: int, param: str | None, code: str | No
     ({"restore": {"method": "sparse-lora", "rank": 0}}, "restore.rank"),
     ({"restore": {"lr": 0}}, "restore.lr"),
     ({"restore": {"method": "qlora"}}, "restore.method"),
-    ({"restore": {}, "offload": True}, "offload"),                   # training needs the whole model on the device
+    ({"restore": {}, "offload": True}, "restore"),                   # training needs the whole model on the device
+    ({"restore": {}, "offload": "disk"}, "restore"),                 # ... which streaming never holds
+    ({"offload": "memory"}, "offload"),                              # false, true, "cpu" or "disk"
 ])
 def test_invalid_job_fields_name_the_param(client: TestClient, auth: dict[str, str], overrides: dict[str, Any],
                                            param: str) -> None:

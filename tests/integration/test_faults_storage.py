@@ -263,7 +263,9 @@ def test_a_full_scratch_disk_fails_the_save_readably_and_the_worker_serves_the_n
         [job] = wait_for_status(service, [job_id], ended, 120, "the end of the job")
         assert job["status"] == "failed", f"{job}{service.log_tail()}"
         assert job["error"]["code"] == "disk_full", job["error"]
-        assert "ran out of disk space" in job["error"]["message"] and "No space left" in job["error"]["message"]
+        # The writer checks the room its shards need before writing any: the message says how much is missing.
+        message = job["error"]["message"]
+        assert "ran out of disk space" in message and "No space left" in message and "MB free" in message, message
         assert job["progress"]["stage"] == "saving"
         assert files_under(work) == ["ballast"]  # the half-saved model went with the job
         assert service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []

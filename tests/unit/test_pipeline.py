@@ -39,8 +39,9 @@ def test_run_prunes_reports_and_saves_a_loadable_folder(tiny_llama_dir: Path, sm
     assert [(e.done, e.total) for e in events if e.stage == "pruning"] == [(0, 2), (1, 2), (2, 2)]
 
     metrics = result.metrics
-    assert set(metrics) == {"sparsity", "perplexity", "timings_s", "peak_memory_mb", "num_parameters",
+    assert set(metrics) == {"sparsity", "perplexity", "timings_s", "peak_memory_mb", "memory", "num_parameters",
                             "num_pruned_parameters"}
+    assert metrics["memory"]["mode"] == "memory" and metrics["memory"]["chosen_by"] == "job"
     assert metrics["sparsity"]["target"] == 0.5 and metrics["sparsity"]["achieved"] == 0.5
     assert len(metrics["sparsity"]["per_layer"]) == 14
     assert set(metrics["perplexity"]) == {"dense", "pruned"}

@@ -336,7 +336,7 @@ def test_api_refuses_bad_restore_options_naming_the_field(restore: dict[str, obj
 def test_api_refuses_restore_with_offload() -> None:
     with pytest.raises(ValidationError) as info:
         JobCreate.model_validate(job(restore={}, offload=True))
-    assert _loc_to_param(("body", *info.value.errors()[0]["loc"])) == "offload"
+    assert _loc_to_param(("body", *info.value.errors()[0]["loc"])) == "restore"
 
 
 def test_runner_passes_restore_to_the_engine(tmp_path: Path) -> None:
@@ -367,6 +367,6 @@ def test_runner_passes_offload_allocation_and_sweep_to_the_engine(tmp_path: Path
     body = JobCreate.model_validate(job(offload=True, allocation="owl", allocation_options={"spread": 0.05},
                                         sweep={"sparsities": [0.7, 0.5]}))
     spec = build_spec(body.model_dump(mode="json"), tmp_path, Settings(PRUNEKIT_VAR_DIR=tmp_path))
-    assert spec.offload is True and spec.sweep == (0.5, 0.7)
+    assert spec.offload == "cpu" and spec.sweep == (0.5, 0.7)
     assert spec.allocation.name == "owl" and spec.allocation.spread == 0.05
     assert spec.allocation.granularity == "block" and spec.allocation.num_samples == 8

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from workers.pruning.files import write_whole
 from workers.pruning.models import Tower
-from workers.pruning.spec import PruneSpec, spec_record
+from workers.pruning.spec import WORKER_FIELDS, PruneSpec, spec_record
 
 log = logging.getLogger("prunekit.engine")
 
@@ -101,6 +101,9 @@ class Checkpoint:
     every_blocks: int = 1
     on_resume: Callable[[Resume], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # saved with every state.json
+    # A finished block's parameters by full name, as saved: by default read from the model; a model streamed from
+    # disk has released them, and they are read back from the output they were written to.
+    block_tensors: Callable[[Tower, int], dict[str, torch.Tensor]] | None = None
     _fingerprint: dict[str, Any] = field(default_factory=dict, init=False)
     _saved_blocks: list[str] = field(default_factory=list, init=False)
     # Finished blocks not written yet: (tower, index, plan-wide number). Their parameters are read when saved;
@@ -176,8 +179,9 @@ class Checkpoint:
 
         for tower, index, number in self._pending:
             name = f"block-{number:05d}.safetensors"
-            tensors = {f"{tower.prefix}.{index}.{key}": value.detach().cpu().contiguous()
-                       for key, value in tower.blocks[index].named_parameters()}
+            tensors = (self.block_tensors(tower, index) if self.block_tensors is not None else
+                       {f"{tower.prefix}.{index}.{key}": value.detach().cpu().contiguous()
+                        for key, value in tower.blocks[index].named_parameters()})
             put(name, lambda path, tensors=tensors: save_file(tensors, str(path)))  # type: ignore[misc]
             if name not in self._saved_blocks:
                 self._saved_blocks.append(name)
@@ -221,6 +225,8 @@ def fingerprint(spec: PruneSpec, device: torch.device, dtype: torch.dtype) -> di
     import transformers
 
     plain = json.loads(json.dumps(spec_record(spec), default=str))
+    for name in WORKER_FIELDS:  # the worker's settings: they decide no weight
+        plain.pop(name, None)
     # Restoration runs after pruning and is not checkpointed: it does not decide the pruned weights (and its
     # dataset is a path of the attempt's own scratch folder).
     plain.pop("restore", None)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.vocabulary import OFFLOAD_CPU, offload_mode
 from workers.pruning.files import open_to_readers
 from workers.pruning.spec import JobError
 
@@ -116,14 +117,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(model_dir: Path, device: torch.device | str = "cpu", offload: bool = False) -> LoadedModel:
+def load_model(model_dir: Path, device: torch.device | str = "cpu", offload: bool | str = False) -> LoadedModel:
     """An HF folder (config.json + *.safetensors) or a folder with exactly one .gguf, plus its tokenizer.
 
-    With offload, the dtype is chosen for `device` but the model stays on the CPU: the sequential driver
-    moves one block at a time to the device.
+    With offload (true or "cpu"), the dtype is chosen for `device` but the model stays on the CPU: the sequential
+    driver moves one block at a time to the device. (Streaming from disk is streaming.StreamedModel's.)
     """
     device = torch.device(device)
-    home = torch.device("cpu") if offload else device
+    home = torch.device("cpu") if offload_mode(offload) == OFFLOAD_CPU else device
     folder = Path(model_dir)
     if not folder.is_dir():
         raise JobError("model_load_failed", f"The model folder {folder} does not exist.")
@@ -160,11 +161,9 @@ def _model_type(config: Path) -> str:
 
 
 def _from_pretrained(folder: Path, model_type: str, dtype: Any) -> Any:
-    import transformers
-
-    model_class = getattr(transformers, MULTIMODAL_CLASSES.get(model_type, "AutoModelForCausalLM"))
     try:
-        return model_class.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+        return model_class(model_type).from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                       use_safetensors=True)
     except Exception as exc:  # transformers raises many types for one meaning: this folder cannot be loaded
         raise JobError("model_load_failed", f"Could not load the model in {folder.name} "
                                             f"({type(exc).__name__}: {_first_line(exc)}).") from exc
@@ -186,10 +185,25 @@ def _load_hf(folder: Path, config: Path, weights: list[Path], device: torch.devi
     # On CPU everything runs in fp32; on GPU a bf16 checkpoint stays bf16 (statistics are fp32 regardless).
     dtype: Any = torch.float32 if device.type == "cpu" else "auto"
     model = _from_pretrained(folder, model_type, dtype)
-    # Vision-language models may come without a tokenizer; only their text towers need one.
+    return LoadedModel(_place(model, device, home), folder_tokenizer(folder, model_type), "hf", folder)
+
+
+def folder_tokenizer(folder: Path, model_type: str) -> Any:
+    """The folder's tokenizer; None for a vision-language folder that ships none (only its text towers need one)."""
     optional = model_type in MULTIMODAL_CLASSES and not any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    tokenizer = None if optional else _load_tokenizer(folder)
-    return LoadedModel(_place(model, device, home), tokenizer, "hf", folder)
+    return None if optional else _load_tokenizer(folder)
+
+
+def model_type_of(folder: Path) -> str:
+    """config.json's model_type (JobError model_load_failed when it has none or is not JSON)."""
+    return _model_type(folder / "config.json")
+
+
+def model_class(model_type: str) -> Any:
+    """The transformers class a folder of this model_type loads as."""
+    import transformers
+
+    return getattr(transformers, MULTIMODAL_CLASSES.get(model_type, "AutoModelForCausalLM"))
 
 
 def load_gguf(gguf_path: Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -388,3 +402,76 @@ def save_pretrained_folder(model: Any, tokenizer: Any, dest: Path, source: Path 
             shutil.rmtree(dest, ignore_errors=True)
         raise
     open_to_readers(dest)  # safetensors writes 0600; the folder is read by the API, perhaps as another user
+
+
+# Files of an HF folder besides its weights that a copy of the model carries: config, generation config,
+# tokenizer, processor and chat template files.
+_FOLDER_FILES = ("*.json", "tokenizer*", "*.model", "*.txt", "*.jinja")
+
+
+def checkpoint_names(model: nn.Module, tensor_names: Sequence[str]) -> dict[str, str]:
+    """Tensor name in a folder's safetensors files -> the model's parameter or buffer it loads into.
+
+    Renamed as from_pretrained renames them (LLaVA's files say `language_model.model.*`, its modules
+    `model.language_model.*`); names the model holds no parameter for are left out. A checkpoint whose tensors
+    transformers converts (splits, merges, permutes) rather than renames cannot be matched one to one: JobError.
+    """
+    state: dict[str, Any] = {**dict(model.named_parameters(remove_duplicate=False)),
+                             **dict(model.named_buffers(remove_duplicate=False))}
+    try:  # transformers' own renaming rules, from its loading internals (pyproject pins the release they are in)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # another release: a file's names are the model's own (Llama, Mistral, ...) or unmatched
+        return {tensor: tensor for tensor in tensor_names if tensor in state}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names: dict[str, str] = {}
+    for tensor in tensor_names:
+        target, converted = rename_source_key(tensor, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise JobError("invalid_model", f"The model's files store {tensor} in a layout transformers converts "
+                                            "when loading (not one tensor per parameter), which cannot be written "
+                                            "back tensor by tensor.")
+        if target in state:
+            names[tensor] = target
+    return names
+
+
+def copy_folder_files(source: Path, dest: Path) -> None:
+    """The source folder's config, tokenizer and processor files (not its weights), as they are."""
+    for path in sorted(source.iterdir()):
+        if (path.is_file() and not path.name.startswith(".") and path.suffix not in (".safetensors", *PICKLE_SUFFIXES)
+                and path.name != "model.safetensors.index.json" and any(path.match(p) for p in _FOLDER_FILES)):
+            shutil.copyfile(path, dest / path.name)
+
+
+def save_like_source(model: nn.Module, source: Path, dest: Path, shard_bytes: int) -> None:
+    """The model's weights in the source folder's layout: the same tensor names, each in the dtype the source
+    stores it in (bf16 in, bf16 out), in Hugging Face's sharded layout; the source's other files copied. Tensors
+    the model holds no parameter for are copied from the source as they are.
+
+    A model whose files transformers converts on load is saved by save_pretrained_folder instead."""
+    from workers.pruning.weights_io import ShardedWriter, WeightFiles
+
+    with WeightFiles(source) as files:
+        try:
+            names = checkpoint_names(model, files.names())
+        except JobError:
+            save_pretrained_folder(model, None, dest, source)
+            copy_folder_files(source, dest)
+            return
+        state: dict[str, torch.Tensor] = {**dict(model.named_parameters(remove_duplicate=False)),
+                                          **dict(model.named_buffers(remove_duplicate=False))}
+        created = not dest.exists()
+        try:
+            writer = ShardedWriter(dest, [files.info(name) for name in files.names()], shard_bytes)
+            for name in files.names():
+                writer.write(name, state[names[name]].detach() if name in names else files.get(name))
+            writer.close()
+            copy_folder_files(source, dest)
+        except BaseException:
+            if created:  # half a model is no model (see save_pretrained_folder)
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
+    open_to_readers(dest)

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from prunekit.vocabulary import same_sparsity
+from prunekit.vocabulary import OFFLOAD_CPU, OFFLOAD_DISK, same_sparsity
 from workers.pruning import budget_search, multimodal, restore
 from workers.pruning.allocation import plan as allocation_plan
 from workers.pruning.allocation.cache import ScoreCache, Scores, cached_scores
 from workers.pruning.allocation.plan import LayerSparsities
+from workers.pruning.allocation.streamed_scoring import Stream
 from workers.pruning.checkpoint import Checkpoint, Resume, fingerprint
 from workers.pruning.checks import check_spec
 from workers.pruning.evaluate import perplexity, sparsity_report
@@ -30,17 +31,22 @@ from workers.pruning.methods import Method, get_method
 from workers.pruning.models import (
     LoadedModel,
     Tower,
+    checkpoint_names,
     find_towers,
     load_model,
     plan_towers,
     resolve_device,
+    save_like_source,
     save_pretrained_folder,
     tower_layers,
 )
 from workers.pruning.multimodal import ModelAdapter, adapt
-from workers.pruning.sequential import ModelInputs, as_inputs, prune_towers
+from workers.pruning.sequential import BlockHome, ModelInputs, as_inputs, prune_towers
 from workers.pruning.spec import CalibrationSpec, JobCancelled, JobError, Progress, PruneSpec, Result, spec_record
+from workers.pruning.streaming import DiskHome, MemoryChoice, StreamedModel, choose_memory
+from workers.pruning.streaming_eval import streamed_perplexity
 from workers.pruning.task_accuracy import Task, load_task, score_tasks, task_info
+from workers.pruning.weights_io import WeightFiles
 from workers.pruning.zero_shot import digits_zero_shot_accuracy
 
 CALIBRATION_BATCH = 4  # windows per forward pass while pruning; the captured activations dominate memory
@@ -89,7 +95,7 @@ def run(spec: PruneSpec, output_dir: Path, on_progress: Callable[[Progress], Non
         restore.check(spec.restore, spec.offload)
     device = resolve_device(spec.device)
     job = _Job(spec, output_dir, device, _PeakMemory(device), on_progress, should_cancel,
-               None if spec.sweep or spec.budget is not None else checkpoint)
+               None if spec.sweep or spec.budget is not None else checkpoint, choose_memory(spec, device))
     setup = _load(job)
     data = _prepare_data(job, method, setup)
     dense = _dense_quality(job, setup, data)
@@ -119,7 +125,12 @@ class _Job:
     on_progress: Callable[[Progress], None]
     should_cancel: Callable[[], bool]
     checkpoint: Checkpoint | None  # None for a sweep or a budget job: they are not checkpointed
+    placement: MemoryChoice  # in memory, in CPU memory, or streamed from disk, and who chose it
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def streams(self) -> bool:
+        return self.placement.mode == OFFLOAD_DISK
 
     @property
     def targets(self) -> tuple[float, ...]:
@@ -139,15 +150,26 @@ class _Job:
 
 @dataclass
 class _Model:
-    """The model in memory (a sweep loads it again for every sparsity), its family resolved once."""
+    """The model in memory (a sweep loads it again for every sparsity), its family resolved once. A streamed
+    model's module tree has its weights on `meta`: `streamed` reads them from the files when needed."""
 
     loaded: LoadedModel
     adapter: ModelAdapter
     towers: list[Tower]
+    streamed: StreamedModel | None = None
+    # full layer name -> the dtype its weight is saved in, where narrower than the one it computes in
+    storage_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.adapter.model
+
+    def running(self, part: torch.nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
+        """While the model (or `part` of it, BLIP-2's language model) runs (accuracy, tasks): a streamed model
+        reads its modules as they are called."""
+        if self.streamed is None:
+            return contextlib.nullcontext()
+        return self.streamed.forward(parts=() if part is None else (part,))
 
 
 @dataclass
@@ -192,6 +214,8 @@ class PrunedRun:
 def _load(job: _Job) -> _Setup:
     spec = job.spec
     with job.stage("loading"):
+        if job.placement.chosen_by == "worker":
+            job.on_progress(Progress("loading", 0, 1, job.placement.message()))
         model = _load_model(job)
         plan = plan_towers(model.towers, job.targets[0], spec.targets)
         requested = spec.calibration.dataset
@@ -201,13 +225,47 @@ def _load(job: _Job) -> _Setup:
                                 [name for tower, _ in plan for name in tower_layers(tower)])
         resume: Resume | None = None
         if job.checkpoint is not None:
-            resume = job.checkpoint.load(fingerprint(spec, job.device, next(model.module.parameters()).dtype))
+            # The mode the job runs in, not the one it asked for: a streamed run's checkpoint holds its blocks in
+            # the input's dtype, read back from its output.
+            resume = job.checkpoint.load(fingerprint(replace(spec, offload=job.placement.mode), job.device,
+                                                     next(model.module.parameters()).dtype))
+            if model.streamed is not None:
+                streamed = model.streamed
+                job.checkpoint.block_tensors = lambda tower, index: streamed.written_tensors(
+                    tower.blocks[index], f"{tower.prefix}.{index}")
     return _Setup(model, plan, sum(len(tower.blocks) for tower, _ in plan), calibration, resume)
 
 
 def _load_model(job: _Job) -> _Model:
-    loaded = load_model(Path(job.spec.model_dir), job.device, offload=job.spec.offload)
-    return _Model(loaded, adapt(loaded.model), find_towers(loaded.model))
+    if job.streams:
+        streamed = StreamedModel(Path(job.spec.model_dir), job.device)
+        loaded = streamed.loaded_model()
+        towers = find_towers(loaded.model)
+        return _Model(loaded, adapt(loaded.model), towers, streamed,
+                      _storage_dtypes(towers, streamed.files, streamed.tensor_name))
+    loaded = load_model(Path(job.spec.model_dir), job.device, offload=job.placement.mode)
+    towers = find_towers(loaded.model)
+    storage: dict[str, torch.dtype] = {}
+    if loaded.source == "hf":
+        with WeightFiles(loaded.path) as files, contextlib.suppress(JobError):  # JobError: files it converts
+            stored_as = {target: tensor for tensor, target in checkpoint_names(loaded.model, files.names()).items()}
+            storage = _storage_dtypes(towers, files, stored_as.__getitem__)
+    return _Model(loaded, adapt(loaded.model), towers, None, storage)
+
+
+def _storage_dtypes(towers: list[Tower], files: WeightFiles, tensor_of: Callable[[str], str]) -> dict[str, torch.dtype]:
+    """Every prunable layer whose weight the files store narrower than it computes (bf16 pruned in fp32 on a
+    CPU): the pruned weights are rounded to it before they feed the next block (sequential.Pruning)."""
+    narrower: dict[str, torch.dtype] = {}
+    for tower in towers:
+        for name, layer in tower_layers(tower).items():
+            try:
+                stored = files.info(tensor_of(f"{name}.weight")).dtype
+            except KeyError:
+                continue
+            if stored.is_floating_point and stored.itemsize < layer.weight.dtype.itemsize:
+                narrower[name] = stored
+    return narrower
 
 
 def _reload(job: _Job, setup: _Setup) -> None:
@@ -273,14 +331,26 @@ def _measure(job: _Job, data: _Data, model: _Model, which: str) -> Quality:
     quality: Quality = {}
     lm = multimodal.perplexity_model(model.adapter)  # LLaVA: itself, text only; BLIP-2: its inner LM
     if data.evaluation is not None and lm is not None:
-        quality["perplexity"] = {which: _finite(perplexity(lm, data.evaluation, EVALUATION_BATCH,
-                                                           job.should_cancel))}
+        quality["perplexity"] = {which: _finite(_perplexity(job, model, lm, data.evaluation))}
+    # Streamed, these run module by module (each block read as it is called): the same numbers, slower.
     if data.zero_shot:
-        quality["accuracy"] = {which: _finite(digits_zero_shot_accuracy(
-            model.module, model.loaded.tokenizer, should_cancel=job.should_cancel))}
+        with model.running():
+            quality["accuracy"] = {which: _finite(digits_zero_shot_accuracy(
+                model.module, model.loaded.tokenizer, should_cancel=job.should_cancel))}
     if data.tasks and lm is not None:
-        quality["tasks"] = {which: score_tasks(lm, model.loaded.tokenizer, data.tasks, job.should_cancel)}
+        with model.running(lm):
+            quality["tasks"] = {which: score_tasks(lm, model.loaded.tokenizer, data.tasks, job.should_cancel)}
     return quality
+
+
+def _perplexity(job: _Job, model: _Model, lm: torch.nn.Module, windows: torch.Tensor) -> float:
+    """In memory, or streamed block by block over all windows (the same number; each block read once). A
+    streamed model reads the input until its output is complete, and the output (the pruned model) after."""
+    if model.streamed is None:
+        return perplexity(lm, windows, EVALUATION_BATCH, job.should_cancel)
+    language = next(tower for tower in model.towers if tower.name == "language")
+    blocks = [(f"{language.prefix}.{index}", block) for index, block in enumerate(language.blocks)]
+    return streamed_perplexity(model.streamed, lm, blocks, windows, EVALUATION_BATCH, job.should_cancel)
 
 
 def _dense_quality(job: _Job, setup: _Setup, data: _Data) -> Quality:
@@ -304,10 +374,15 @@ def _score(job: _Job, setup: _Setup, data: _Data, cache: ScoreCache | None) -> S
     if not allocation_plan.needs_scores(job.spec.allocation):
         return None
     assert data.calibration is not None or not allocation_plan.needs_data(job.spec.allocation)
+    streamed = setup.model.streamed
+    # Streamed: block by block, each block read a bounded number of times (streamed_scoring); the zeroth-order
+    # branches alive at once held to a quarter of the worker's memory budget.
+    stream = None if streamed is None else Stream(streamed, None if job.spec.memory_budget_mb is None
+                                                  else job.spec.memory_budget_mb * 2**20 // 4)
     with job.stage("scoring", total=1, what=job.spec.allocation.name):
         return cached_scores(job.spec, setup.model.adapter, [tower for tower, _ in setup.plan],
                              as_inputs(data.calibration) if data.calibration is not None else None, job.device,
-                             cache, job.should_cancel, job.on_progress)
+                             cache, job.should_cancel, job.on_progress, stream)
 
 
 def _dense_weights(spec: PruneSpec, plan: Plan) -> dict[str, torch.Tensor] | None:
@@ -326,7 +401,14 @@ def _prune_one(job: _Job, setup: _Setup, method: Method, data: _Data, scores: Sc
     spec, model = job.spec, setup.model
     plan, allocation = _allocate(job, setup, scores, target)
     label = f" at sparsity {target:g}" if spec.sweep else ""
-    unused = probed.unused if probed is not None else _prune(job, setup, method, data, plan, allocation, label)
+    folder = job.output_dir / f"sparsity-{target:g}" if spec.sweep else job.output_dir
+    zeros: dict[str, int] | None = None  # a streamed model's zeros, counted as its blocks were written
+    if probed is not None:
+        unused = probed.unused
+    elif model.streamed is not None:
+        unused, zeros = _prune_streamed(job, setup, method, data, plan, allocation, label, folder)
+    else:
+        unused = _prune(job, setup, method, data, plan, allocation, label)
     # Reported sparsity covers the layers pruned; layers calibration never reached were left dense.
     layer_names = [name for tower, _ in plan for name in tower_layers(tower) if name not in unused]
     restored = None
@@ -338,15 +420,23 @@ def _prune_one(job: _Job, setup: _Setup, method: Method, data: _Data, scores: Sc
     elif data.measured:
         with job.stage("evaluation_pruned", what=data.measured):
             pruned = _measure(job, data, model, "pruned")
-    sparsity = sparsity_report(model.module, layer_names)
+    sparsity = sparsity_report(model.module, layer_names, zeros)
     if restored is not None:
         restored["sparsity_after_merge"] = round(sparsity["achieved"], 6)
-    folder = job.output_dir / f"sparsity-{target:g}" if spec.sweep else job.output_dir
     with job.stage("saving"):
-        save_pretrained_folder(model.module, model.loaded.tokenizer, folder,
-                               source=model.loaded.path if model.loaded.source == "hf" else None)
+        if model.streamed is None:  # a streamed model was written block by block while it was pruned
+            _save(job, model, folder)
     return PrunedRun(target, plan, unused, sparsity, allocation, pruned, folder, restored,
-                     _per_tower(model.module, model.towers, unused))
+                     _per_tower(model.module, model.towers, unused, zeros))
+
+
+def _save(job: _Job, model: _Model, folder: Path) -> None:
+    """An HF folder's model in its own layout: the same tensors in the input's dtype (bf16 in, bf16 out), sharded
+    at the job's shard size, its config and tokenizer files copied; a GGUF model as transformers saves it."""
+    if model.loaded.source == "hf":
+        save_like_source(model.module, model.loaded.path, folder, job.spec.output_shard_bytes)
+    else:
+        save_pretrained_folder(model.module, model.loaded.tokenizer, folder)
 
 
 def _allocate(job: _Job, setup: _Setup, scores: Scores | None, target: float) -> tuple[Plan, LayerSparsities | None]:
@@ -359,7 +449,7 @@ def _allocate(job: _Job, setup: _Setup, scores: Scores | None, target: float) ->
 
 
 def _prune(job: _Job, setup: _Setup, method: Method, data: _Data, plan: Plan, allocation: LayerSparsities | None,
-           label: str) -> list[str]:
+           label: str, home: BlockHome | None = None) -> list[str]:
     """The pruning stage: every planned tower block by block; returns the layers left dense."""
     with job.stage("pruning", total=setup.num_blocks, what=label):
         def block_done(done: int, total: int) -> None:
@@ -369,9 +459,26 @@ def _prune(job: _Job, setup: _Setup, method: Method, data: _Data, plan: Plan, al
         checkpoint = job.checkpoint
         return prune_towers(setup.model.module, plan, method, job.spec.pattern, data.calibration, CALIBRATION_BATCH,
                             on_block=block_done, should_cancel=job.should_cancel,
-                            device=job.device if job.spec.offload else None, resume=setup.resume,
+                            device=job.device if job.placement.mode in (OFFLOAD_CPU, OFFLOAD_DISK) else None,
+                            resume=setup.resume,
                             after_block=checkpoint.after_block if checkpoint is not None else None,
-                            layer_sparsity=allocation.layer_sparsity if allocation is not None else None)
+                            layer_sparsity=allocation.layer_sparsity if allocation is not None else None,
+                            home=home, storage_dtypes=setup.model.storage_dtypes)
+
+
+def _prune_streamed(job: _Job, setup: _Setup, method: Method, data: _Data, plan: Plan,
+                    allocation: LayerSparsities | None, label: str, folder: Path) -> tuple[list[str], dict[str, int]]:
+    """The pruning stage of a model streamed from disk: each block read from the input, pruned, written to the
+    output in the input's dtype and released; then everything not pruned copied over, so that the output is a
+    complete model folder before the pruned model is measured (from it). Returns the layers left dense and every
+    pruned layer's zeros."""
+    streamed = setup.model.streamed
+    assert streamed is not None
+    streamed.start_output(folder, job.spec.output_shard_bytes)
+    home = DiskHome(streamed)
+    unused = _prune(job, setup, method, data, plan, allocation, label, home)
+    streamed.finish_output()
+    return unused, home.zeros
 
 
 def _restore(job: _Job, setup: _Setup, data: _Data, layer_names: list[str],
@@ -493,6 +600,7 @@ def _metrics(job: _Job, setup: _Setup, dense: Quality, scores: Scores | None, ru
         **_task_metrics(dense, first.pruned),
         "timings_s": job.timings,
         "peak_memory_mb": job.memory.peak_mb(),
+        "memory": _memory(job),
         "num_parameters": sum(p.numel() for p in setup.model.module.parameters()),
         "num_pruned_parameters": sparsity["num_zeros"],
     }
@@ -575,10 +683,26 @@ def _overall_target(plan: Plan, layers: list[dict[str, Any]]) -> float:
     return round(sum(target_of[layer["name"]] * layer["numel"] for layer in layers) / numel, 6)
 
 
-def _per_tower(model: torch.nn.Module, towers: list[Tower], unused: list[str]) -> dict[str, float]:
-    """Achieved sparsity of every tower, pruned or not (an untargeted tower shows 0.0: it stayed dense)."""
-    return {tower.name: round(sparsity_report(model, [n for n in tower_layers(tower) if n not in unused])
-                              ["achieved"], 6) for tower in towers}
+def _memory(job: _Job) -> dict[str, Any]:
+    """metrics["memory"]: where the model lived, who chose it, against what budget, and the peaks."""
+    record = {**job.placement.record(), "peak_rss_mb": job.memory.peak_rss_mb()}
+    if job.device.type == "cuda":
+        record["peak_device_mb"] = job.memory.peak_mb()
+    return record
+
+
+def _per_tower(model: torch.nn.Module, towers: list[Tower], unused: list[str],
+               zeros: dict[str, int] | None = None) -> dict[str, float]:
+    """Achieved sparsity of every tower, pruned or not (an untargeted tower shows 0.0: it stayed dense). A
+    streamed model's zeros come counted; a tower it did not prune has none."""
+    report: dict[str, float] = {}
+    for tower in towers:
+        names = [name for name in tower_layers(tower) if name not in unused]
+        if zeros is not None and not all(name in zeros for name in names):
+            report[tower.name] = 0.0
+            continue
+        report[tower.name] = round(sparsity_report(model, names, zeros)["achieved"], 6)
+    return report
 
 
 def _environment(device: torch.device, memory: _PeakMemory) -> dict[str, Any]:

@@ -3,8 +3,9 @@ inputs, then for each block gather statistics with hooks, prune its layers, and 
 feed the next one.
 
 Only one block's activations are alive at a time: a single [num_samples, tokens, hidden] tensor that each
-block's outputs overwrite in place. With an offload device, the model stays where it is (the CPU) and only
-the block being worked on, and the captured activations, live on the device.
+block's outputs overwrite in place. Where a block lives between visits is a BlockHome's business: in memory (on
+the device already), in CPU memory (offloading: each block visits the device in turn and goes back), or in files
+on disk (streaming.DiskHome: read for its visit, written to the output after, released).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from workers.pruning.checkpoint import BlockDone, Resume, restore
+from workers.pruning.checkpoint import BlockDone, Resume
+from workers.pruning.checkpoint import restore as restore_blocks
 from workers.pruning.methods import Method
 from workers.pruning.models import Tower, block_linears, method_view, weight_matrix
 from workers.pruning.spec import JobCancelled
@@ -61,7 +63,8 @@ BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor | ModelInputs,
                          batch_size: int, device: torch.device | None = None,
-                         keep_hidden: bool = True) -> tuple[torch.Tensor | None, list[BlockArgs]]:
+                         keep_hidden: bool = True,
+                         home: BlockHome | None = None) -> tuple[torch.Tensor | None, list[BlockArgs]]:
     """Hidden states entering the first block for every sample, and the other arguments of each batch.
 
     The whole model runs forward until it calls first_block, so a tower's inputs are whatever the model
@@ -69,9 +72,12 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
     The other arguments (attention mask, position ids, rotary embeddings...) are captured as they come, so
     no model family needs special-casing here. Both end up on `device` (default: the model's device).
     Without keep_hidden, only the other arguments are kept (a resumed tower has its hidden states already).
+    The model runs inside home.forward() (a streamed model reads its modules as they are called), on
+    home.device when the home has one.
     """
     inputs = as_inputs(windows)
-    model_device = next(model.parameters()).device
+    home = home or InMemory()
+    model_device = home.device or next(model.parameters()).device
     device = device or model_device
     hidden: torch.Tensor | None = None
     batch_args: list[BlockArgs] = []
@@ -88,12 +94,14 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         batch_args.append((_to(tuple(args[1:]), device), _to(kwargs, device)))
         raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    # First among the block's pre-hooks: a streamed block is not read only to be stopped.
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     try:
-        for batch in inputs.batches(batch_size, model_device):
-            with contextlib.suppress(_StopForward):
-                model(**batch)
-            offset += next(iter(batch.values())).shape[0]
+        with home.forward():
+            for batch in inputs.batches(batch_size, model_device):
+                with contextlib.suppress(_StopForward):
+                    model(**batch)
+                offset += next(iter(batch.values())).shape[0]
     finally:
         handle.remove()
     if not batch_args:
@@ -119,6 +127,41 @@ def run_block(block: nn.Module, hidden: torch.Tensor, batch_args: list[BlockArgs
         out = block(hidden[start:start + batch_size], *args, **kwargs)
         if write_back:
             hidden[start:start + batch_size] = out[0] if isinstance(out, tuple) else out
+
+
+class BlockHome(Protocol):
+    """Where the blocks live between their visits, and how they come to the device for one."""
+
+    device: torch.device | None  # where blocks run; None: where the model is
+
+    def visit(self, block: nn.Module, prefix: str) -> contextlib.AbstractContextManager[None]:
+        """The block (module path `prefix`) on the device for its statistics, pruning and propagation; what happens
+        after a visit that raised is the home's business too."""
+        ...
+
+    def forward(self) -> contextlib.AbstractContextManager[None]:
+        """While the whole model runs forward (a tower's first-block inputs are captured)."""
+        ...
+
+    def restore(self, model: nn.Module, resume: Resume) -> None:
+        """A resumed job's finished blocks put back."""
+        ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """The model in memory: on the device already, or (offloading) on the CPU with each block visiting `device`."""
+
+    device: torch.device | None = None
+
+    def visit(self, block: nn.Module, prefix: str) -> contextlib.AbstractContextManager[None]:
+        return _on(block, self.device)
+
+    def forward(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def restore(self, model: nn.Module, resume: Resume) -> None:
+        restore_blocks(model, resume)
 
 
 @contextlib.contextmanager
@@ -147,9 +190,17 @@ class Pruning:
     pattern: str = "unstructured"
     # (block index, layer name) -> that layer's own sparsity (a non-uniform allocation); None: `sparsity`
     layer_sparsity: Callable[[int, str], float] | None = None
+    # (block index, layer name) -> the dtype the layer is saved in, when narrower than the one it computes in (a
+    # bf16 model pruned in fp32 on a CPU): its pruned weights are rounded to it before the block feeds the next,
+    # so that later blocks are calibrated on the model as saved (and a streamed run, which reads an earlier tower
+    # back from its output, computes the same).
+    storage_dtype: Callable[[int, str], torch.dtype | None] | None = None
 
     def ratio(self, index: int, name: str) -> float:
         return self.sparsity if self.layer_sparsity is None else self.layer_sparsity(index, name)
+
+    def stored(self, index: int, name: str) -> torch.dtype | None:
+        return None if self.storage_dtype is None else self.storage_dtype(index, name)
 
 
 @dataclass(frozen=True)
@@ -160,6 +211,11 @@ class Feed:
     batch_size: int = 1
     # Offloading: the model stays where it is and each block visits this device for its work.
     device: torch.device | None = None
+    # Where the blocks live (streaming.DiskHome: in files); None: InMemory(device).
+    home: BlockHome | None = None
+
+    def block_home(self) -> BlockHome:
+        return self.home if self.home is not None else InMemory(self.device)
 
 
 @dataclass(frozen=True)
@@ -180,21 +236,23 @@ class StartAt:
 
 
 def prune_sequential(model: nn.Module, blocks: nn.ModuleList, pruning: Pruning, feed: Feed,
-                     callbacks: Callbacks = Callbacks(), start: StartAt = StartAt()) -> list[str]:
+                     callbacks: Callbacks = Callbacks(), start: StartAt = StartAt(), prefix: str = "") -> list[str]:
     """Prunes every layer of every block in place, block by block.
 
-    With feed.device (offloading), each block visits the device for its statistics, pruning and propagation.
+    With feed.device (offloading), each block visits the device for its statistics, pruning and propagation;
+    with feed.home, the home brings it (prefix: the blocks' module path, "model.layers").
     Returns the layers (as "<block index>.<name>") left dense because calibration never reached them,
     e.g. BLIP-2 Q-Former text-only sublayers, which image queries alone never run.
     """
     unused = list(start.unused)
+    home = feed.block_home()
     with torch.inference_mode():
         hidden, batch_args = _block_inputs(model, blocks, pruning.method, feed, start)
         for index in range(start.block, len(blocks)):
             if callbacks.should_cancel():
                 raise JobCancelled(f"cancelled before block {index}")
             last = index + 1 == len(blocks)
-            with _on(blocks[index], feed.device):
+            with home.visit(blocks[index], f"{prefix}.{index}" if prefix else str(index)):
                 unused += _prune_block(blocks[index], index, pruning, hidden, batch_args, feed.batch_size)
                 if hidden is not None and not last:
                     run_block(blocks[index], hidden, batch_args, feed.batch_size, write_back=True)
@@ -217,12 +275,13 @@ def _block_inputs(model: nn.Module, blocks: nn.ModuleList, method: Method, feed:
     # and from earlier towers, which a resumed run has restored bit for bit: capturing them again gives
     # exactly what the interrupted run used. The hidden states entering block `start` went through pruned
     # blocks of this tower and cannot be captured again: they come saved.
+    home = feed.block_home()
     hidden, batch_args = capture_block_inputs(model, blocks[0], feed.windows, feed.batch_size, feed.device,
-                                              keep_hidden=start.block == 0)
+                                              keep_hidden=start.block == 0, home=home)
     if start.block > 0:
         if start.hidden is None:
             raise ValueError(f"resuming at block {start.block} needs the hidden states entering it")
-        hidden = start.hidden.to(feed.device or next(model.parameters()).device)
+        hidden = start.hidden.to(feed.device or home.device or next(model.parameters()).device)
     return hidden, batch_args
 
 
@@ -250,6 +309,10 @@ def _prune_block(block: nn.Module, index: int, pruning: Pruning, hidden: torch.T
         else:
             for name, weight, ratio in zip(names, weights, ratios, strict=True):
                 weight.copy_(pruning.method.prune(weight, stats.get(name), ratio, pruning.pattern))
+        for name, weight in zip(names, weights, strict=True):
+            stored = pruning.stored(index, name)
+            if stored is not None and stored != weight.dtype:
+                weight.copy_(weight.to(stored))
     return unused
 
 
@@ -259,18 +322,22 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
                  should_cancel: Callable[[], bool] = _never,
                  device: torch.device | None = None, resume: Resume | None = None,
                  after_block: Callable[[BlockDone], None] | None = None,
-                 layer_sparsity: Mapping[str, float] | None = None) -> list[str]:
+                 layer_sparsity: Mapping[str, float] | None = None, home: BlockHome | None = None,
+                 storage_dtypes: Mapping[str, torch.dtype] | None = None) -> list[str]:
     """Prunes each (tower, sparsity) in order, each tower calibrated on the outputs of the towers pruned
     before it. on_block counts blocks over all towers together. Returns the full names of unused layers.
 
     With `resume`, its first `done` blocks are restored rather than pruned (all of them before any capture:
     a later tower's inputs come through the earlier ones); after_block receives what a checkpoint needs.
-    layer_sparsity maps full layer names to their own sparsity (an allocation); others get their tower's."""
+    layer_sparsity maps full layer names to their own sparsity (an allocation); others get their tower's.
+    home: where the blocks live (default: in memory, visiting `device` when given); storage_dtypes: full layer
+    name -> the dtype it is saved in, where that is narrower than the one it computes in (Pruning.storage_dtype)."""
     total = sum(len(tower.blocks) for tower, _ in plan)
     done = resume.done if resume is not None else 0
     unused: list[str] = list(resume.unused) if resume is not None else []
+    home = home if home is not None else InMemory(device)
     if resume is not None:
-        restore(model, resume)
+        home.restore(model, resume)
 
     def block_done(_index: int, _of: int) -> None:
         nonlocal done
@@ -295,11 +362,15 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
         def ratio_of(index: int, name: str, prefix: str = prefix, sparsity: float = sparsity) -> float:
             return sparsity if layer_sparsity is None else layer_sparsity.get(f"{prefix}{index}.{name}", sparsity)
 
+        def stored_as(index: int, name: str, prefix: str = prefix) -> torch.dtype | None:
+            return None if storage_dtypes is None else storage_dtypes.get(f"{prefix}{index}.{name}")
+
         if start < len(tower.blocks):  # a tower finished before the interruption is only restored
-            mine = prune_sequential(model, tower.blocks, Pruning(method, sparsity, pattern, ratio_of),
-                                    Feed(inputs, batch_size, device), Callbacks(block_done, should_cancel, report),
+            mine = prune_sequential(model, tower.blocks, Pruning(method, sparsity, pattern, ratio_of, stored_as),
+                                    Feed(inputs, batch_size, device, home),
+                                    Callbacks(block_done, should_cancel, report),
                                     StartAt(start, resume.hidden if resume is not None and start > 0 else None,
-                                            tuple(mine)))
+                                            tuple(mine)), prefix=tower.prefix)
         unused = before + [f"{prefix}{name}" for name in mine]
         first += len(tower.blocks)
     return unused

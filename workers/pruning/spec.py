@@ -16,11 +16,13 @@ from prunekit.vocabulary import (
     EVALUATION,
     GRANULARITIES,
     OFFLOAD,
+    OUTPUT_SHARD_BYTES,
     PATTERN,
     RESTORE,
     RESTORE_METHODS,
     STAGES,
     ArchiveLimits,
+    offload_mode,
 )
 
 __all__ = ["ALLOCATIONS", "DEFAULT_CALIBRATION_DATASET", "GRANULARITIES", "RESTORE_METHODS", "STAGES",
@@ -129,8 +131,11 @@ class PruneSpec:
     # Per-tower sparsity ({"vision": 0.5, "language": 0.7}); only the named towers are pruned. None: `sparsity`
     # for every tower of DEFAULT_TOWERS the model has (vision and language; the Q-Former only when named).
     targets: dict[str, float] | None = None
-    # Keep the model on the CPU and move one block at a time to `device` (models larger than the device).
-    offload: bool = OFFLOAD
+    # Where the model lives while it is pruned, one of OFFLOAD_MODES: "memory"; "cpu", the model in CPU memory and
+    # one block at a time on `device` (models larger than the device); "disk", streamed from its files one block at
+    # a time, pruned blocks written straight to the output (models larger than memory). The API's booleans are
+    # accepted too (true is "cpu").
+    offload: str = offload_mode(OFFLOAD)
     allocation: AllocationSpec = field(default_factory=AllocationSpec)
     # A sweep: these sparsities from one calibration and scoring pass, one pruned model each (`sparsity` is
     # then ignored; `targets` must be None). Empty for an ordinary job.
@@ -140,6 +145,19 @@ class PruneSpec:
     # A quality-budget job: the sparsity is searched for (`sparsity` is then ignored; `targets` and `sweep` must
     # be empty, the pattern unstructured); the chosen model is restored when `restore` is given.
     budget: BudgetSpec | None = None
+    # The worker's memory budget: a job left in memory whose model (as loaded for compute) exceeds it is streamed
+    # from disk instead. None: no budget, the job's `offload` as it is. The worker's, not the job's: it decides
+    # no weight.
+    memory_budget_mb: int | None = None
+    # The pruned model is written in Hugging Face's sharded layout, shards of at most this many bytes.
+    output_shard_bytes: int = OUTPUT_SHARD_BYTES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offload", offload_mode(self.offload))
+
+
+# What the worker adds to a job and that decides no weight: left out of checkpoint fingerprints.
+WORKER_FIELDS = ("memory_budget_mb", "output_shard_bytes")
 
 
 def spec_record(spec: PruneSpec) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 from workers.pruning.allocation.plan import cache_options, raw_scores, score_inputs
 from workers.pruning.allocation.registry import get_allocation
+from workers.pruning.allocation.streamed_scoring import Stream
 from workers.pruning.checkpoint import digest_path
 from workers.pruning.files import write_whole
 from workers.pruning.models import Tower
@@ -57,8 +58,10 @@ def score_cache_key(spec: PruneSpec, towers: Sequence[Tower], options: dict[str,
 
 def cached_scores(spec: PruneSpec, model: ModelAdapter, towers: Sequence[Tower], calibration: ModelInputs | None,
                   device: torch.device, cache: ScoreCache | None, should_cancel: Callable[[], bool],
-                  on_progress: Callable[[Progress], None]) -> Scores:
-    """The allocation's raw scores, from the cache when an earlier job computed them with the same options."""
+                  on_progress: Callable[[Progress], None], stream: Stream | None = None) -> Scores:
+    """The allocation's raw scores, from the cache when an earlier job computed them with the same options.
+    stream: the model is streamed from disk; its scores are the in-memory ones, so they share the cache's keys
+    (the dtype is the one it computes in either way)."""
     options = cache_options(spec.allocation, spec.calibration.seed)
     key = None
     if cache is not None:
@@ -77,7 +80,7 @@ def cached_scores(spec: PruneSpec, model: ModelAdapter, towers: Sequence[Tower],
         if done == total or done % 10 == 0:
             on_progress(Progress("scoring", done, total, f"Scored {done} of {total}."))
 
-    raw = raw_scores(model, towers, inputs, spec.allocation, spec.calibration.seed, should_cancel, step)
+    raw = raw_scores(model, towers, inputs, spec.allocation, spec.calibration.seed, should_cancel, step, stream)
     seconds = round(time.perf_counter() - start, 3)
     raw["scoring_s"] = seconds  # kept with the scores: a later job that reuses them can say what they cost
     info: dict[str, Any] = {"cache": "miss" if cache is not None else None, "scoring_s": seconds, "options": options}

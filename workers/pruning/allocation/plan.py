@@ -13,6 +13,7 @@ from typing import Any
 from workers.pruning.allocation import budget
 from workers.pruning.allocation.groups import groups as find_groups
 from workers.pruning.allocation.registry import get_allocation
+from workers.pruning.allocation.streamed_scoring import Stream
 from workers.pruning.models import Tower
 from workers.pruning.multimodal import AnyModel, adapt
 from workers.pruning.sequential import ModelInputs
@@ -47,16 +48,17 @@ def score_inputs(model: AnyModel, inputs: ModelInputs, spec: AllocationSpec) -> 
 
 
 def raw_scores(model: AnyModel, towers: Sequence[Tower], inputs: ModelInputs | None, spec: AllocationSpec,
-               seed: int, should_cancel: Callable[[], bool], on_step: Callable[[int, int], None]) -> dict[str, Any]:
+               seed: int, should_cancel: Callable[[], bool], on_step: Callable[[int, int], None],
+               stream: Stream | None = None) -> dict[str, Any]:
     """What the allocation is computed from, as plain JSON: per-layer scores, or outlier counts per group.
-    inputs may be None for a data-free allocation."""
+    inputs may be None for a data-free allocation. stream: the model is streamed from disk (block by block)."""
     allocation = get_allocation(spec.name)
     if allocation.score is None:
         raise JobError("invalid_spec", f"Allocation {spec.name!r} has no scores.")
     if inputs is None and not allocation.data_free:
         raise JobError("invalid_spec", f"Allocation {spec.name!r} needs calibration data.")
     return allocation.score(adapt(model), towers, inputs if inputs is not None else ModelInputs({}), spec, seed,
-                            should_cancel, on_step)
+                            should_cancel, on_step, stream)
 
 
 def cache_options(spec: AllocationSpec, seed: int) -> dict[str, Any]:

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunekit.vocabulary import MAX_SPARSITY_CAP, default_max_sparsity
-from workers.pruning.allocation import budget, scoring, spectral
+from workers.pruning.allocation import budget, scoring, spectral, streamed_scoring
 from workers.pruning.allocation.groups import Group
+from workers.pruning.allocation.streamed_scoring import Stream
 from workers.pruning.models import Tower
 from workers.pruning.multimodal import ModelAdapter
 from workers.pruning.sequential import ModelInputs
 from workers.pruning.spec import AllocationSpec, JobError
 
-# (model, towers, scoring inputs, spec, seed, should_cancel, on_step(done, total)) -> plain JSON (cacheable)
+# (model, towers, scoring inputs, spec, seed, should_cancel, on_step(done, total), stream) -> plain JSON
+# (cacheable). stream: the model is streamed from disk (its blocks read one at a time); None: in memory. The
+# scores are the same either way (ecoflap-first's within float rounding: streamed_scoring says why).
 Score = Callable[[ModelAdapter, Sequence[Tower], ModelInputs, AllocationSpec, int, Callable[[], bool],
-                  Callable[[int, int], None]], dict[str, Any]]
+                  Callable[[int, int], None], Stream | None], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -51,45 +54,78 @@ def _no_options(_spec: AllocationSpec) -> dict[str, Any]:
     return {}
 
 
+def _streams(name: str, model: ModelAdapter, stream: Stream | None) -> Stream | None:
+    """The stream, after checking that this allocation scores this family streamed (streaming refuses the rest
+    before loading: this is the last word if something else reaches here)."""
+    if stream is not None and not streamed_scoring.streams(name, model.family):
+        raise JobError("invalid_spec", f"Allocation {name!r} cannot score a {model.family} model streamed from "
+                                       "disk: use a worker with more memory, or another allocation.")
+    return stream
+
+
 def _zeroth_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
                    seed: int, should_cancel: Callable[[], bool],
-                   on_step: Callable[[int, int], None]) -> dict[str, Any]:
+                   on_step: Callable[[int, int], None], stream: Stream | None) -> dict[str, Any]:
     if spec.perturbation == "block" and spec.granularity != "block":
         raise JobError("invalid_spec", "allocation_options.perturbation block scores whole blocks; it needs "
                                        "granularity block.")
+    if _streams(spec.name, model, stream) is not None:
+        assert stream is not None
+        return {"scores": streamed_scoring.zeroth_order_streamed(stream, model, towers, inputs, spec.eps, seed,
+                                                                 should_cancel, on_step, spec.perturbation)}
     return {"scores": scoring.zeroth_order_scores(model, towers, inputs, spec.eps, seed,
                                                   should_cancel=should_cancel, on_layer=on_step,
                                                   perturbation=spec.perturbation)}
 
 
-def _first_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, _spec: AllocationSpec,
+def _first_scores(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
                   _seed: int, should_cancel: Callable[[], bool],
-                  on_step: Callable[[int, int], None]) -> dict[str, Any]:
+                  on_step: Callable[[int, int], None], stream: Stream | None) -> dict[str, Any]:
+    if _streams(spec.name, model, stream) is not None:
+        assert stream is not None
+        return {"scores": streamed_scoring.first_order_streamed(stream, model, towers, inputs, should_cancel,
+                                                                on_step)}
     return {"scores": scoring.first_order_scores(model, towers, inputs, should_cancel=should_cancel,
                                                  on_batch=on_step)}
 
 
 def _owl_outliers(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
                   _seed: int, should_cancel: Callable[[], bool],
-                  _on_step: Callable[[int, int], None]) -> dict[str, Any]:
+                  _on_step: Callable[[int, int], None], stream: Stream | None) -> dict[str, Any]:
     counts = scoring.outlier_ratios(model.model, towers, inputs, per_layer=spec.granularity == "layer",
-                                    multiple=spec.outlier_multiple, should_cancel=should_cancel)
+                                    multiple=spec.outlier_multiple, should_cancel=should_cancel,
+                                    **_block_major(spec.name, model, stream))
     return {"outliers": {name: list(count) for name, count in counts.items()}}
 
 
-def _alpha_hill(_model: ModelAdapter, towers: Sequence[Tower], _inputs: ModelInputs, _spec: AllocationSpec,
+def _alpha_hill(model: ModelAdapter, towers: Sequence[Tower], _inputs: ModelInputs, spec: AllocationSpec,
                 _seed: int, should_cancel: Callable[[], bool],
-                on_step: Callable[[int, int], None]) -> dict[str, Any]:
-    alphas = spectral.layer_alphas(towers, should_cancel=should_cancel, on_layer=on_step)
+                on_step: Callable[[int, int], None], stream: Stream | None) -> dict[str, Any]:
+    if _streams(spec.name, model, stream) is not None:
+        assert stream is not None
+        alphas = streamed_scoring.layer_alphas_blockwise(towers, stream.block, should_cancel=should_cancel,
+                                                         on_layer=on_step)
+    else:
+        alphas = spectral.layer_alphas(towers, should_cancel=should_cancel, on_layer=on_step)
     # None where undefined (a matrix of rank < 2): JSON has no NaN.
     return {"alphas": {name: None if math.isnan(alpha) else alpha for name, alpha in alphas.items()}}
 
 
 def _dlp_medians(model: ModelAdapter, towers: Sequence[Tower], inputs: ModelInputs, spec: AllocationSpec,
                  _seed: int, should_cancel: Callable[[], bool],
-                 _on_step: Callable[[int, int], None]) -> dict[str, Any]:
+                 _on_step: Callable[[int, int], None], stream: Stream | None) -> dict[str, Any]:
     return {"unimportance": scoring.median_scores(model.model, towers, inputs, per_layer=spec.granularity == "layer",
-                                                  should_cancel=should_cancel)}
+                                                  should_cancel=should_cancel,
+                                                  **_block_major(spec.name, model, stream))}
+
+
+def _block_major(name: str, model: ModelAdapter, stream: Stream | None) -> dict[str, Any]:
+    """The block source and capture home of a Wanda-statistics pass (OWL, DLP) over a streamed model; {} in
+    memory."""
+    if _streams(name, model, stream) is None:
+        return {}
+    assert stream is not None
+    return {"block": stream.block, "home": stream.home()}
 
 
 def _zeroth_options(spec: AllocationSpec) -> dict[str, Any]:

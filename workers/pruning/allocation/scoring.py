@@ -24,8 +24,16 @@ from torch import nn
 from workers.pruning import multimodal
 from workers.pruning.methods import METHODS, wanda
 from workers.pruning.models import Tower, block_linears, weight_matrix
-from workers.pruning.sequential import ModelInputs, capture_block_inputs, gather_stats, run_block
+from workers.pruning.sequential import BlockHome, ModelInputs, capture_block_inputs, gather_stats, run_block
 from workers.pruning.spec import JobCancelled
+
+# A tower's block k, ready to run for the duration of the context: the model's own in memory, or one read from
+# the files of a model streamed from disk (and released after).
+BlockReader = Callable[[Tower, int], contextlib.AbstractContextManager[nn.Module]]
+
+
+def in_memory(tower: Tower, index: int) -> contextlib.AbstractContextManager[nn.Module]:
+    return contextlib.nullcontext(tower.blocks[index])
 
 OUTLIER_MULTIPLE = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M times the mean
 
@@ -78,7 +86,7 @@ def direction(weight: torch.Tensor, seed: int, layer: str, batch: int) -> torch.
     return torch.randn(weight.shape, generator=generator, dtype=torch.float32)
 
 
-class _Perturbation:
+class Perturbation:
     """Writes W + sign * eps * z into a layer from a saved copy of W, and W back afterwards."""
 
     def __init__(self, layer: nn.Module) -> None:
@@ -95,6 +103,18 @@ class _Perturbation:
 
 
 PERTURBATIONS = ("tensor", "block")
+
+
+def perturbation_units(block_key: str, full_names: list[str], per_block: bool) -> list[tuple[str, list[str]]]:
+    """One block's (score key, full names of the matrices perturbed together): per matrix, or the whole block."""
+    if per_block:
+        return [(block_key, full_names)] if full_names else []
+    return [(full, [full]) for full in full_names]
+
+
+def two_point(plus: float, minus: float, eps: float) -> float:
+    """|(L(W + eps z) - L(W - eps z)) / (2 eps)|: one batch's term of a zeroth-order score."""
+    return abs((plus - minus) / (2.0 * eps))
 
 
 def zeroth_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inputs: ModelInputs, eps: float = 1e-3,
@@ -131,18 +151,17 @@ def zeroth_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inp
         for tower in towers:
             hidden, block_args = (capture_block_inputs(model, tower.blocks[0], inputs, batch_size) if fast
                                   else (None, []))
-            returns_tuple = fast and hidden is not None and _returns_tuple(tower.blocks[0], hidden, block_args,
-                                                                           batch_size)
+            returns_tuple = fast and hidden is not None and block_returns_tuple(tower.blocks[0], hidden, block_args,
+                                                                               batch_size)
             for index, block in enumerate(tower.blocks):
                 linears = {f"{tower.prefix}.{index}.{name}": layer for name, layer in block_linears(block).items()}
-                units = ([(f"{tower.prefix}.{index}", list(linears))] if per_block and linears else
-                         [(full, [full]) for full in linears] if not per_block else [])
+                units = perturbation_units(f"{tower.prefix}.{index}", list(linears), per_block)
                 for key, members in units:
                     if should_cancel():
                         raise JobCancelled("cancelled while scoring")
                     if layers is not None and not any(full in layers for full in members):
                         continue
-                    perturbations = [(_Perturbation(linears[full]), full) for full in members]
+                    perturbations = [(Perturbation(linears[full]), full) for full in members]
                     total_abs = 0.0
                     for number, batch in enumerate(batches):
                         directions = [direction(p.weight, seed, full, number) for p, full in perturbations]
@@ -161,7 +180,7 @@ def zeroth_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inp
                             finally:
                                 for p, _ in perturbations:
                                     p.restore()
-                        total_abs += abs((losses[0] - losses[1]) / (2.0 * eps))
+                        total_abs += two_point(losses[0], losses[1], eps)
                     scores[key] = total_abs
                     on_layer(len(scores), total)
                 if fast and hidden is not None and index + 1 < len(tower.blocks):
@@ -194,7 +213,7 @@ def _from_block(blocks: nn.ModuleList, start: int, hidden: torch.Tensor, returns
             del block.forward
 
 
-def _returns_tuple(block: nn.Module, hidden: torch.Tensor, block_args: list[Any], batch_size: int) -> bool:
+def block_returns_tuple(block: nn.Module, hidden: torch.Tensor, block_args: list[Any], batch_size: int) -> bool:
     """Whether this block class returns a tuple (CLIP, GPT-2, older decoders) or the hidden states alone."""
     args, kwargs = block_args[0]
     return isinstance(block(hidden[:batch_size], *args, **kwargs), tuple)
@@ -247,20 +266,24 @@ def first_order_scores(model: multimodal.AnyModel, towers: Sequence[Tower], inpu
 
 def outlier_ratios(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, per_layer: bool,
                    multiple: float = OUTLIER_MULTIPLE, batch_size: int = 4,
-                   should_cancel: Callable[[], bool] = _never) -> dict[str, tuple[int, int]]:
+                   should_cancel: Callable[[], bool] = _never, block: BlockReader = in_memory,
+                   home: BlockHome | None = None) -> dict[str, tuple[int, int]]:
     """OWL's layer-wise outlier distribution on the dense model, block by block.
 
     Returns (outliers, weights) per block (the key "<tower prefix>.<index>") or, per_layer, per layer: the
     number of Wanda scores |W_ij| * ||X_j|| above `multiple` times the mean score of the block (or layer).
+    `block` and `home`: a model streamed from disk (each block read once; see _wanda_metrics).
     """
     counts: dict[str, tuple[int, int]] = {}
-    for key, metric in _wanda_metrics(model, towers, inputs, per_layer, batch_size, should_cancel, rms=False):
+    for key, metric in _wanda_metrics(model, towers, inputs, per_layer, batch_size, should_cancel, rms=False,
+                                      block=block, home=home):
         counts[key] = _count_outliers(metric, multiple)
     return counts
 
 
 def median_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, per_layer: bool,
-                  batch_size: int = 4, should_cancel: Callable[[], bool] = _never) -> dict[str, float]:
+                  batch_size: int = 4, should_cancel: Callable[[], bool] = _never, block: BlockReader = in_memory,
+                  home: BlockHome | None = None) -> dict[str, float]:
     """DLP's unimportance (Chen et al., ICML 2025, arXiv:2505.23807) on the dense model, block by block.
 
     The median of the Wanda scores |W_ij| * rms(X_j) over every weight of a block (the key "<tower prefix>.
@@ -269,33 +292,42 @@ def median_scores(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs
     to one constant for a language model). torch.median: the lower middle value of an even count.
     """
     medians: dict[str, float] = {}
-    for key, metric in _wanda_metrics(model, towers, inputs, per_layer, batch_size, should_cancel, rms=True):
+    for key, metric in _wanda_metrics(model, towers, inputs, per_layer, batch_size, should_cancel, rms=True,
+                                      block=block, home=home):
         medians[key] = float(torch.median(metric))
     return medians
 
 
 def _wanda_metrics(model: nn.Module, towers: Sequence[Tower], inputs: ModelInputs, per_layer: bool,
-                   batch_size: int, should_cancel: Callable[[], bool],
-                   rms: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every block's (or layer's) Wanda scores, flattened, from a pass over the dense model."""
+                   batch_size: int, should_cancel: Callable[[], bool], rms: bool, block: BlockReader = in_memory,
+                   home: BlockHome | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every block's (or layer's) Wanda scores, flattened, from a pass over the dense model.
+
+    A tower's first-block inputs are captured with the whole model running inside home.forward() (a streamed
+    model reads what runs before the tower as it is called); then each block is entered once through `block`
+    (read, its statistics gathered, its scores taken, the states advanced, released). The arithmetic is the same
+    either way: a streamed model's scores equal the in-memory ones, bit for bit."""
     with torch.inference_mode():
         for tower in towers:
-            hidden, block_args = capture_block_inputs(model, tower.blocks[0], inputs, batch_size)
+            hidden, block_args = capture_block_inputs(model, tower.blocks[0], inputs, batch_size, home=home)
             assert hidden is not None
-            for index, block in enumerate(tower.blocks):
+            for index in range(len(tower.blocks)):
                 if should_cancel():
                     raise JobCancelled("cancelled while scoring")
-                linears = block_linears(block)
-                stats = gather_stats(block, linears, METHODS["wanda"], hidden, block_args, batch_size)
-                metrics = {name: wanda.scores(weight_matrix(layer), _norms(stats[name], rms)).flatten()
-                           for name, layer in linears.items() if name in stats}
-                if per_layer:
-                    for name, metric in metrics.items():
-                        yield f"{tower.prefix}.{index}.{name}", metric
-                elif metrics:
-                    yield f"{tower.prefix}.{index}", torch.cat(list(metrics.values()))
-                if index + 1 < len(tower.blocks):
-                    run_block(block, hidden, block_args, batch_size, write_back=True)
+                found: list[tuple[str, torch.Tensor]] = []
+                with block(tower, index) as module:
+                    linears = block_linears(module)
+                    stats = gather_stats(module, linears, METHODS["wanda"], hidden, block_args, batch_size)
+                    metrics = {name: wanda.scores(weight_matrix(layer), _norms(stats[name], rms)).flatten()
+                               for name, layer in linears.items() if name in stats}
+                    if per_layer:
+                        found = [(f"{tower.prefix}.{index}.{name}", metric) for name, metric in metrics.items()]
+                    elif metrics:
+                        found = [(f"{tower.prefix}.{index}", torch.cat(list(metrics.values())))]
+                    if index + 1 < len(tower.blocks):
+                        run_block(module, hidden, block_args, batch_size, write_back=True)
+                # Yielded after the block is released: the consumer's work never holds a streamed block read.
+                yield from found
 
 
 def _norms(stats: wanda.InputNorms, rms: bool) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.vocabulary import OFFLOAD_MEMORY, offload_mode
 from workers.pruning.multimodal import AnyModel, adapt
 from workers.pruning.restore.batches import check_fits, training_data
 from workers.pruning.restore.lora import dense_copies
@@ -26,7 +27,7 @@ __all__ = ["check", "check_model", "dense_copies", "restore_pruned", "select_lay
 SEED_OFFSET = 104_729
 
 
-def check(spec: RestoreSpec, offload: bool) -> None:
+def check(spec: RestoreSpec, offload: bool | str) -> None:
     """What a job's restore options must satisfy (the API checks the same); JobError invalid_spec otherwise."""
     def refuse(message: str) -> None:
         raise JobError("invalid_spec", message)
@@ -41,9 +42,9 @@ def check(spec: RestoreSpec, offload: bool) -> None:
     # More warm-up steps than steps is capped (schedule.warmup_count): the default must suit a short run.
     if not (0 < warmup < 1 or (warmup >= 0 and float(warmup).is_integer())):
         refuse(f"restore.warmup_steps must be a whole number of steps or a fraction in (0, 1); got {warmup}.")
-    if offload:
-        refuse("restore cannot be combined with offload: training needs the whole model on the device, which "
-               "offloading is for models too large to hold.")
+    if offload_mode(offload) != OFFLOAD_MEMORY:
+        refuse(f"restore cannot be combined with offload {offload_mode(offload)!r}: training needs the whole model "
+               "on the device, which offloading and streaming are for models too large to hold.")
 
 
 def check_model(model: AnyModel, tokenizer: Any, spec: RestoreSpec, calibration: CalibrationSpec,
