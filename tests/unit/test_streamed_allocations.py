@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from tests.unit.conftest import tiny_llama_from_config
+from tests.unit.test_streaming import assert_same_tensors
+from tests.unit.test_streaming import spec_for as streaming_spec
 from workers.pruning.allocation import scoring
 from workers.pruning.allocation.streamed_scoring import first_order_scores_blockwise
 from workers.pruning.models import find_towers
@@ -30,29 +32,12 @@ from workers.pruning.spec import (
     Result,
 )
 from workers.pruning.streaming import StreamedModel
-from workers.pruning.weights_io import WeightFiles
 
 NO_EVALUATION = EvaluationSpec(perplexity=False, accuracy=False)
 
 
 def spec_for(model_dir: Path, dataset: Path, allocation: AllocationSpec, **overrides: Any) -> PruneSpec:
-    fields: dict[str, Any] = {"model_dir": model_dir, "method": "wanda", "sparsity": 0.5, "allocation": allocation,
-                              "calibration": CalibrationSpec(dataset=str(dataset), num_samples=4, seq_len=32),
-                              "evaluation": NO_EVALUATION}
-    return PruneSpec(**{**fields, **overrides})
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with WeightFiles(folder) as files:
-        return {name: files.get(name) for name in files.names()}
-
-
-def assert_same_tensors(ours: Path, theirs: Path) -> None:
-    mine, other = tensors(ours), tensors(theirs)
-    assert mine.keys() == other.keys()
-    different = [name for name in mine if mine[name].dtype != other[name].dtype
-                 or not torch.equal(mine[name], other[name])]
-    assert not different, different
+    return streaming_spec(model_dir, dataset, **{"allocation": allocation, "evaluation": NO_EVALUATION, **overrides})
 
 
 class BlockReads:
