@@ -87,8 +87,8 @@ SKEW_S = 300  # five minutes: a hundred leases of the tests' 3 s
 TAKEOVER_S = 60  # a lease (3 s), a reconcile round (1 s), a claim and a resume, with room; far below SKEW_S
 
 
-def long_job(model: str) -> dict[str, Any]:
-    return SLOW | {"model": model, "calibration": {"num_samples": 64, "seq_len": 256}}
+def long_job(model: str, num_samples: int = 64) -> dict[str, Any]:
+    return SLOW | {"model": model, "calibration": {"num_samples": num_samples, "seq_len": 256}}
 
 
 def skewed(service: Service, offset_s: int) -> Service:
@@ -128,7 +128,9 @@ def test_a_worker_whose_clock_is_minutes_ahead_never_takes_a_live_job(make_servi
     """To a clock five minutes ahead every lease the holder renews looks expired; on the database's clock it is
     live, so the second worker leaves the job alone for as long as the holder heartbeats."""
     service = make_service()  # its worker runs on this machine's clock, as the database does
-    job_id = submit(service, long_job(tiny_llama_8))
+    # Four times the calibration of the takeover test: the job must outlast the second worker's start by 10 s
+    # and more, on a fast machine too.
+    job_id = submit(service, long_job(tiny_llama_8, num_samples=256))
     wait_for_status(service, [job_id], lambda j: j["status"] == "running", 120, "the job running")
     holder = job_row(service, job_id).lease_owner
     assert holder is not None
@@ -163,11 +165,14 @@ def test_a_job_whose_worker_ran_minutes_ahead_is_taken_over_once_its_lease_runs_
     wait_for_worker(service, "ahead", SKEW_S)
     job_id = submit(service, long_job(tiny_llama_8))
     wait_for_status(service, [job_id], pruning(2), 180, "two blocks pruned")  # a checkpoint to resume from
-    start_process(service, "successor", "worker")
-    wait_for_worker(service, "successor", 0)
-    [first] = starts(service, job_id)
+    # Killed at once: the job takes seconds, so a holder left alive while the successor starts may finish it
+    # first, and then there is nothing to take over.
     kill_process(service, "ahead")
     killed_at = time.monotonic()
+    [first] = starts(service, job_id)
+    assert job_row(service, job_id).status == "running", "the job ended before its holder was killed"
+    start_process(service, "successor", "worker")
+    wait_for_worker(service, "successor", 0)
     try:
         wait_for(lambda: len(starts(service, job_id)) == 2, TAKEOVER_S, "a second attempt")
     except TimeoutError as exc:
