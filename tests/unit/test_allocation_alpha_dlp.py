@@ -14,10 +14,24 @@ from prunekit.vocabulary import ALLOCATIONS
 from tests.unit.conftest import tiny_llama_from_config
 from workers.pruning.allocation import budget, plan, scoring, spectral
 from workers.pruning.methods import METHODS, sparsegpt
-from workers.pruning.models import block_linears, find_towers, plan_towers, prunable_layers, weight_matrix
+from workers.pruning.models import (
+    block_linears,
+    find_towers,
+    method_view,
+    plan_towers,
+    prunable_layers,
+    weight_matrix,
+)
 from workers.pruning.patterns import layer_prune_count
 from workers.pruning.pipeline import run
-from workers.pruning.sequential import ModelInputs, _gather, capture_block_inputs, gather_stats, prune_towers
+from workers.pruning.sequential import (
+    ModelInputs,
+    _gather,
+    capture_block_inputs,
+    gather_stats,
+    prune_towers,
+    run_block,
+)
 from workers.pruning.spec import AllocationSpec, CalibrationSpec, EvaluationSpec, JobError, PruneSpec
 
 
@@ -316,6 +330,38 @@ def test_q_k_v_and_gate_up_share_one_statistics_object_equal_to_their_own() -> N
     assert len({id(s) for s in shared.values()}) == 4  # qkv, o, gate-up, down
     for name in linears:
         assert torch.equal(shared[name].matrix, own[name].matrix), name
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_the_statistics_pass_stops_at_the_last_layers_input_with_the_same_statistics(method: str) -> None:
+    """After the first batch, each batch's pass ends once the block's last layer (down_proj) has its input: its
+    product is never computed, and every layer's statistics are those of running every batch whole."""
+    model = tiny_llama_from_config(layers=1)
+    block = find_towers(model)[0].blocks[0]
+    hidden, args = capture_block_inputs(model, block, _inputs(samples=3), 1)
+    assert hidden is not None
+    linears = block_linears(block)
+    new_stats = METHODS[method].new_stats
+    assert new_stats is not None
+    whole = {name: new_stats(method_view(layer)) for name, layer in linears.items()}
+    handles = [layer.register_forward_hook(lambda _m, a, _o, name=name: whole[name].add(a[0]))
+               for name, layer in linears.items()]
+    run_block(block, hidden, args, 1, write_back=False)
+    for handle in handles:
+        handle.remove()
+    [down] = [layer for name, layer in linears.items() if name.endswith("down_proj")]
+    products: list[int] = []
+    counting = down.register_forward_hook(lambda *_: products.append(1))
+    gathered = gather_stats(block, linears, METHODS[method], hidden, args, 1)
+    counting.remove()
+    assert len(products) == 1  # three batches: the first ran whole, the other two stopped before down_proj's product
+    for name in linears:
+        mine, theirs = gathered[name], whole[name]
+        assert mine.tokens == theirs.tokens, name
+        if method == "sparsegpt":
+            assert torch.allclose(mine.matrix, theirs.matrix, rtol=1e-6, atol=1e-7), name
+        else:
+            assert torch.equal(mine.norms(), theirs.norms()), name
 
 
 def test_sparsegpt_with_shared_hessians_prunes_a_model_bitwise_as_one_by_one() -> None:

@@ -11,6 +11,7 @@ would lose up to one zero per row, which adds up: a tiny Llama at 0.6 came out a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -42,16 +43,19 @@ def row_prune_counts(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     compare across rows of one layer, so this adds the least error of any choice (the first k rows would
     add an arbitrary one).
     """
-    return _counts(torch.sort(scores, dim=1, stable=True).values, sparsity)
+    # Only each row's (floor + 1)-th lowest score matters: a selection, not a sort of the whole row.
+    return _counts(scores.shape, sparsity, lambda base: torch.kthvalue(scores, base + 1, dim=1).values,
+                   scores.device)
 
 
-def _counts(ascending: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """row_prune_counts from the scores sorted within every row."""
-    rows, width = ascending.shape
+def _counts(shape: torch.Size, sparsity: float, candidates: Callable[[int], torch.Tensor],
+            device: torch.device) -> torch.Tensor:
+    """row_prune_counts, given every row's (base + 1)-th lowest score as candidates(base)."""
+    rows, width = shape
     base, extra = divmod(layer_prune_count(sparsity, rows, width), rows)
-    counts = torch.full((rows,), base, dtype=torch.int64, device=ascending.device)
+    counts = torch.full((rows,), base, dtype=torch.int64, device=device)
     if extra:
-        counts[torch.sort(ascending[:, base], stable=True).indices[:extra]] += 1
+        counts[torch.sort(candidates(base), stable=True).indices[:extra]] += 1
     return counts
 
 
@@ -64,7 +68,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.ones(rows, width, dtype=torch.bool, device=scores.device)
     if layer_prune_count(sparsity, rows, width):
         ascending, order = torch.sort(scores, dim=1, stable=True)
-        counts = _counts(ascending, sparsity)
+        counts = _counts(scores.shape, sparsity, lambda base: ascending[:, base], scores.device)
         ranks = torch.arange(width, device=scores.device).unsqueeze(0)
         mask.scatter_(1, order, ranks >= counts.unsqueeze(1))
     return mask

@@ -395,6 +395,10 @@ class _NotShared(Exception):
     """Layers that shared an input in an earlier batch did not in this one."""
 
 
+class _StatsComplete(Exception):  # noqa: N818 (a signal, not an error)
+    """Every layer of the block has had its input in this batch: the rest of the pass is not needed."""
+
+
 def _gather(block: nn.Module, linears: dict[str, nn.Module], method: Method, hidden: torch.Tensor,
             batch_args: list[BlockArgs], batch_size: int, share: bool) -> dict[str, Any]:
     assert method.new_stats is not None
@@ -404,33 +408,52 @@ def _gather(block: nn.Module, linears: dict[str, nn.Module], method: Method, hid
     calls: dict[str, list[torch.Tensor]] = {}
     owner: dict[int, str] = {}  # id(input tensor) -> the first layer with its own statistics that read it
     batch_number = 0
+    # The layer the first batch called last, when it called every layer once (a dense block): in later batches,
+    # once it has its input and every other layer has been called once, nothing the statistics need is left,
+    # and the rest of the forward (that layer's product, the residual) is skipped. The outputs of this pass are
+    # never used. A block whose calls depend on the data (a mixture of experts) may reach a layer twice or not
+    # at all, and always runs whole.
+    last: str | None = None
+    order: list[str] = []  # the first batch's calls, in order
 
     def hook(name: str, layer: nn.Module) -> Callable[..., None]:
-        def add(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        def add(_module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             calls.setdefault(name, []).append(x)
-            if name not in stats:
-                # Only in the first batch: a layer first called later has missed what the other has added.
-                first = owner.get(id(x)) if share and batch_number == 0 else None
-                if first is not None:  # reads what an earlier layer read in this batch: the same statistics
-                    leader[name] = first
-                    stats[name] = stats[first]
-                    return
-                stats[name] = method.new_stats(method_view(layer))  # type: ignore[misc]
-            if name in leader:
-                return  # its leader has added this input (checked after the batch)
-            owner.setdefault(id(x), name)
-            stats[name].add(x)
+            if batch_number == 0:
+                order.append(name)
+            _add(name, layer, x)
+            if name == last and all(len(calls.get(other, ())) == 1 for other in linears):
+                raise _StatsComplete
+
         return add
 
-    handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in linears.items()]
+    def _add(name: str, layer: nn.Module, x: torch.Tensor) -> None:
+        if name not in stats:
+            # Only in the first batch: a layer first called later has missed what the other has added.
+            first = owner.get(id(x)) if share and batch_number == 0 else None
+            if first is not None:  # reads what an earlier layer read in this batch: the same statistics
+                leader[name] = first
+                stats[name] = stats[first]
+                return
+            stats[name] = method.new_stats(method_view(layer))  # type: ignore[misc]
+        if name in leader:
+            return  # its leader has added this input (checked after the batch)
+        owner.setdefault(id(x), name)
+        stats[name].add(x)
+
+    # Pre-hooks: a layer's input is all its statistics need, and the last one can stop the pass before it runs.
+    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in linears.items()]
     try:
         for number, start in enumerate(range(0, hidden.shape[0], batch_size)):
             batch_number = number
             calls.clear()
             owner.clear()
-            run_block(block, hidden[start:start + batch_size], batch_args[number:number + 1], batch_size,
-                      write_back=False)
+            with contextlib.suppress(_StatsComplete):
+                run_block(block, hidden[start:start + batch_size], batch_args[number:number + 1], batch_size,
+                          write_back=False)
+            if number == 0 and len(order) == len(linears) and set(order) == set(linears):
+                last = order[-1]
             for name, first in leader.items():
                 mine, theirs = calls.get(name, []), calls.get(first, [])
                 if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs, strict=True)):
