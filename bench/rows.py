@@ -10,6 +10,7 @@ runs of one benchmark never drop each other's rows.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -39,10 +40,13 @@ def store(dest: Path, new: Sequence[Row], order: Sequence[str] = ()) -> list[Row
     """Adds `new` to the file, replacing rows with the same key; rows whose config is in `order` are sorted by it
     (a re-run row goes back to its place) and come first, the others keep theirs. Returns the file's rows."""
     replaced = {key(row) for row in new}
-    rows = [row for row in load(dest) if key(row) not in replaced] + list(new)
-    place = {name: index for index, name in enumerate(order)}
-    rows.sort(key=lambda row: place.get(row.get("config"), len(place)))
-    write_json(dest, rows)
+    # Several benchmarks may run side by side and store into one file: the read and the write are one step.
+    with (dest.parent / f".{dest.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [row for row in load(dest) if key(row) not in replaced] + list(new)
+        place = {name: index for index, name in enumerate(order)}
+        rows.sort(key=lambda row: place.get(row.get("config"), len(place)))
+        write_json(dest, rows)
     return rows
 
 
