@@ -167,19 +167,22 @@ class AllocationOptions(Strict):
     granularity: GranularityName = Field(ALLOCATION.granularity, description="one sparsity per block or per layer")
     max_sparsity: float | None = Field(ALLOCATION.max_sparsity, gt=0, lt=1,
                                        description="ECoFLaP: no group is pruned beyond this; default target + 0.1")
-    num_samples: int = Field(ALLOCATION.num_samples, ge=1, le=caps.LIMITS["allocation_num_samples"],
-                             description="calibration samples the scores are estimated on")
+    num_samples: int | None = Field(ALLOCATION.num_samples, ge=1, le=caps.LIMITS["allocation_num_samples"],
+                                    description="calibration samples the scores are estimated on; default 16 for "
+                                                "ecoflap-zeroth's block perturbation, else 8")
     seq_len: int | None = Field(ALLOCATION.seq_len, ge=16, le=caps.LIMITS["calibration_seq_len"],
-                                description="tokens per scoring sample (language models); default: calibration's")
+                                description="tokens per scoring sample (language models); default 32 for "
+                                            "ecoflap-zeroth's block perturbation, else the calibration's")
     eps: float = Field(ALLOCATION.eps, gt=0, le=0.1, description="ecoflap-zeroth: the perturbation's size")
     outlier_multiple: float = Field(ALLOCATION.outlier_multiple, gt=1, le=100,
                                     description="owl: M, outliers exceed M x the mean score")
     spread: float = Field(ALLOCATION.spread, ge=0, lt=0.5,
                           description="owl: lambda, sparsities in [s - lambda, s + lambda]")
     # --- allocation options of alphapruning, dlp and ecoflap-zeroth ---
-    perturbation: PerturbationName = Field(
+    perturbation: PerturbationName | None = Field(
         ALLOCATION.perturbation, description="ecoflap-zeroth: one random direction per weight matrix (tensor) or "
-                                             "per block (block: 7x fewer forward passes on Llama; granularity block)")
+                                             "per block (block: 7x fewer forward passes on Llama; granularity block); "
+                                             "default block at granularity block, tensor at granularity layer")
     epsilon: float = Field(ALLOCATION.epsilon, ge=0, lt=1,
                            description="alphapruning: sparsities proportional to [1 - epsilon, 1 + epsilon], mapped "
                                        "from each block's heavy-tail exponent")

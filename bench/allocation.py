@@ -40,13 +40,14 @@ ALLOCATION_ORDER = ("owl", "ecoflap-first", "ecoflap-zeroth", "uniform", "alphap
 # layer's block on: on a 2-core CPU, 4 samples of 128 tokens cost about as much as pruning itself.
 OPTIONS: dict[str, dict[str, Any]] = {
     "owl": {"num_samples": 64},  # OWL reads Wanda's statistics: the whole calibration set, one dense pass
-    "ecoflap-zeroth": {"num_samples": 4, "seq_len": 128},
+    "ecoflap-zeroth": {"num_samples": 4, "seq_len": 128, "perturbation": "tensor"},  # the issue's reference
     "ecoflap-first": {"num_samples": 4, "seq_len": 128},
     "dlp": {"num_samples": 64},  # as OWL: the median of Wanda's scores over the whole calibration set
     "alphapruning": {},  # data-free: the weights' spectra alone
 }
 QUICK_OPTIONS: dict[str, dict[str, Any]] = {"owl": {"num_samples": 8}, "ecoflap-zeroth": {"num_samples": 2,
-                                                                                        "seq_len": 64},
+                                                                                        "seq_len": 64,
+                                                                                        "perturbation": "tensor"},
                                             "ecoflap-first": {"num_samples": 2, "seq_len": 64},
                                             "dlp": {"num_samples": 8}, "alphapruning": {}}
 # Zeroth-order variants (the name's part after the allocation), over the allocation's options: one direction per

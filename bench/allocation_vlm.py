@@ -19,7 +19,8 @@ VISION_DIR = ROOT / "var" / "models" / "digits-clip"
 LLAVA_DIR = ROOT / "var" / "bench" / "models" / "llava-smollm2"
 TARGETS = (0.5, 0.7)
 OPTIONS: dict[str, dict[str, Any]] = {"owl": {"num_samples": 32}, "ecoflap-first": {"num_samples": 16},
-                                      "ecoflap-zeroth": {"num_samples": 2}}
+                                      # one direction per matrix, as measured before block became the default
+                                      "ecoflap-zeroth": {"num_samples": 2, "perturbation": "tensor"}}
 NUM_SAMPLES = 32
 SEED = 0
 

@@ -61,7 +61,8 @@ for _allocation in ("owl", "ecoflap-first", "ecoflap-zeroth"):
             CONFIGS[f"{_method}-{_allocation}-{_sparsity}"] = (_method, _sparsity, _allocation)
 # Scoring data: 32 pairs in batches of 8 (a contrastive loss needs several pairs); OWL reads all 128.
 ALLOCATION_OPTIONS = {"owl": {"num_samples": NUM_SAMPLES}, "ecoflap-first": {"num_samples": 32},
-                      "ecoflap-zeroth": {"num_samples": 32}}
+                      # one direction per matrix, as measured before block became the default
+                      "ecoflap-zeroth": {"num_samples": 32, "perturbation": "tensor"}}
 
 
 def protocol() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from prunekit.vocabulary.defaults import (
     CalibrationDefaults,
     EvaluationDefaults,
     RestoreDefaults,
+    scoring_defaults,
 )
 from prunekit.vocabulary.limits import (
     ARCHIVE_LIMITS,
@@ -90,7 +91,7 @@ __all__ = [
     "UNSTRUCTURED", "VISION_MODEL_TYPES", "WIKI_EN", "AllocationDefaults", "ArchiveLimits", "CalibrationDefaults",
     "EvaluationDefaults", "JobStatus", "RestoreDefaults", "allocation_decides", "allocation_fits_pattern",
     "default_max_sparsity", "fits_pattern", "fixed_sparsity", "in_open_unit", "nm_pattern", "parse_pattern",
-    "same_sparsity", "sweep_fits_pattern",
+    "same_sparsity", "scoring_defaults", "sweep_fits_pattern",
     # Quality-budget jobs.
     "BUDGET", "BUDGET_BOUNDS", "BUDGET_UNREACHABLE", "BudgetDefaults",
     # Tenant models and chained jobs.

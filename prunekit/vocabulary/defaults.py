@@ -34,16 +34,40 @@ class AllocationDefaults:
     name: str = UNIFORM
     granularity: str = "block"
     max_sparsity: float | None = None  # None: the target + 0.1 (capped below 1)
-    num_samples: int = 8
-    seq_len: int | None = None  # None: the calibration's
+    # None: chosen by scoring_defaults() below, from the allocation, its granularity and perturbation.
+    num_samples: int | None = None
+    seq_len: int | None = None  # None: as num_samples; where that leaves it None, the calibration's
     eps: float = 1e-3
     outlier_multiple: float = 5.0
     spread: float = 0.08
-    # ecoflap-zeroth's directions (one per matrix, as before); AlphaPruning's epsilon (its code's default,
-    # --epsilon 0.3, and its LLaMA-2-7B Wanda script's); DLP's alpha (its code's default and every script's, 0.15).
-    perturbation: str = "tensor"
+    # ecoflap-zeroth's directions, None: block at granularity block, tensor at granularity layer (which has no
+    # blocks to share a direction); AlphaPruning's epsilon (its code's default, --epsilon 0.3, and its LLaMA-2-7B
+    # Wanda script's); DLP's alpha (its code's default and every script's, 0.15).
+    perturbation: str | None = None
     epsilon: float = 0.3
     alpha: float = 0.15
+
+
+# Scoring windows where a request names none. ECoFLaP zeroth order with one direction per block needs many
+# directions more than long windows: on SmolLM2 at Wanda 0.7 (bench/README.md, "Zeroth-order scoring per matrix or
+# per block"), 16 windows of 32 tokens scored within 5% of one direction per matrix (its 3-seed mean, 4 x 128) at
+# 1.0x one dense forward over the calibration set against 4.4x; 4 x 128 per block was as noisy as no scores at all.
+SCORING_SAMPLES = 8
+BLOCK_PERTURBATION_SAMPLES = 16
+BLOCK_PERTURBATION_SEQ_LEN = 32
+
+
+def scoring_defaults(allocation: str, granularity: str, perturbation: str | None, num_samples: int | None,
+                     seq_len: int | None) -> tuple[str, int, int | None]:
+    """(perturbation, num_samples, seq_len) with what a request left out filled in; seq_len None stays the
+    calibration's. What a request names is kept as it is (the API refuses block at granularity layer)."""
+    chosen = perturbation or ("block" if granularity == "block" else "tensor")
+    by_block = allocation == "ecoflap-zeroth" and chosen == "block"
+    if num_samples is None:
+        num_samples = BLOCK_PERTURBATION_SAMPLES if by_block else SCORING_SAMPLES
+    if seq_len is None and by_block:
+        seq_len = BLOCK_PERTURBATION_SEQ_LEN
+    return chosen, num_samples, seq_len
 
 
 @dataclass(frozen=True)

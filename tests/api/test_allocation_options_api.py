@@ -46,5 +46,6 @@ def test_capabilities_list_the_allocations_and_their_defaults(client: TestClient
     assert {"alphapruning", "dlp"} <= set(caps["allocations"])
     options = caps["allocation_options"]
     assert options["perturbations"] == ["tensor", "block"]
+    # perturbation, num_samples and seq_len: chosen per allocation and granularity (null: see docs/api.md)
     assert (options["defaults"]["epsilon"], options["defaults"]["alpha"], options["defaults"]["perturbation"]) == \
-        (0.3, 0.15, "tensor")
+        (0.3, 0.15, None)

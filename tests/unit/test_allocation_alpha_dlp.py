@@ -280,6 +280,21 @@ def test_block_perturbation_is_the_directional_derivative_along_all_matrices() -
     assert score[f"{towers[0].prefix}.0"] == pytest.approx(abs(losses[0] - losses[1]) / 2e-3, rel=1e-4)
 
 
+@pytest.mark.parametrize(("given", "chosen"), [
+    ({}, ("block", 16, 32)),  # the default from bench/README.md's 3-seed study
+    ({"granularity": "layer"}, ("tensor", 8, None)),  # no blocks to share a direction
+    ({"perturbation": "tensor"}, ("tensor", 8, None)),
+    ({"perturbation": "block", "num_samples": 4}, ("block", 4, 32)),  # what a request names is kept
+    ({"seq_len": 64}, ("block", 16, 64)),
+])
+def test_zeroth_order_scoring_defaults_follow_the_perturbation(given: dict[str, object],
+                                                               chosen: tuple[str, int, int | None]) -> None:
+    spec = AllocationSpec(name="ecoflap-zeroth", **given)  # type: ignore[arg-type]
+    assert (spec.perturbation, spec.num_samples, spec.seq_len) == chosen
+    other = AllocationSpec(name="ecoflap-first", **{k: v for k, v in given.items() if k != "perturbation"})  # type: ignore[arg-type]
+    assert other.num_samples == given.get("num_samples", 8) and other.seq_len == given.get("seq_len")
+
+
 def test_block_perturbation_feeds_the_allocation_and_refuses_layer_granularity() -> None:
     model = tiny_llama_from_config(layers=2)
     towers = find_towers(model)
@@ -288,7 +303,8 @@ def test_block_perturbation_feeds_the_allocation_and_refuses_layer_granularity()
     allocation = plan.allocate(plan_towers(towers, 0.5), spec, raw, joint_target=0.5)
     assert [g["score"] for g in allocation.groups] == [raw["scores"][g["name"]] for g in allocation.groups]
     assert plan.cache_options(spec, 0)["perturbation"] == "block"
-    assert "perturbation" not in plan.cache_options(AllocationSpec(name="ecoflap-zeroth"), 0)  # old keys hold
+    # old keys hold for one direction per matrix
+    assert "perturbation" not in plan.cache_options(AllocationSpec(name="ecoflap-zeroth", perturbation="tensor"), 0)
     with pytest.raises(JobError, match="granularity block"):
         plan.raw_scores(model, towers, _inputs(samples=1), dataclasses.replace(spec, granularity="layer"), 0,
                         lambda: False, lambda _d, _t: None)

@@ -23,6 +23,7 @@ from prunekit.vocabulary import (
     STAGES,
     ArchiveLimits,
     offload_mode,
+    scoring_defaults,
 )
 
 __all__ = ["ALLOCATIONS", "DEFAULT_CALIBRATION_DATASET", "GRANULARITIES", "RESTORE_METHODS", "STAGES",
@@ -72,18 +73,25 @@ class AllocationSpec:
     granularity: str = ALLOCATION.granularity  # one of GRANULARITIES: one sparsity per block, or per layer
     # ECoFLaP: no group is pruned beyond this; None means the target + 0.1 (capped below 1).
     max_sparsity: float | None = ALLOCATION.max_sparsity
-    num_samples: int = ALLOCATION.num_samples  # calibration samples the scores are estimated on (the first ones)
-    seq_len: int | None = ALLOCATION.seq_len  # tokens per scoring sample; None: the calibration's
+    # Calibration samples the scores are estimated on (the first ones), and tokens per scoring sample (None: the
+    # calibration's). Left out, vocabulary.scoring_defaults chooses them (and perturbation) in __post_init__.
+    num_samples: int = ALLOCATION.num_samples  # type: ignore[assignment]
+    seq_len: int | None = ALLOCATION.seq_len
     eps: float = ALLOCATION.eps  # ecoflap-zeroth: the perturbation's size
     # owl: M, a weight is an outlier above M times its group's mean score
     outlier_multiple: float = ALLOCATION.outlier_multiple
     spread: float = ALLOCATION.spread  # owl: lambda, sparsities lie in [target - lambda, target + lambda]
     # --- allocation options of alphapruning, dlp and ecoflap-zeroth ---
     # ecoflap-zeroth: "tensor", one random direction per weight matrix; "block", one per block (7x fewer passes)
-    perturbation: str = ALLOCATION.perturbation
+    perturbation: str = ALLOCATION.perturbation  # type: ignore[assignment]
     # alphapruning: sparsities proportional to [1 - epsilon, 1 + epsilon] mapped from the heavy-tail exponents
     epsilon: float = ALLOCATION.epsilon
     alpha: float = ALLOCATION.alpha  # dlp: sparsities lie in [target - alpha, target + alpha]
+
+    def __post_init__(self) -> None:
+        chosen = scoring_defaults(self.name, self.granularity, self.perturbation, self.num_samples, self.seq_len)
+        for name, value in zip(("perturbation", "num_samples", "seq_len"), chosen, strict=True):
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)
