@@ -428,6 +428,48 @@ def test_a_sweep_with_an_allocation_from_the_form_draws_its_curve(driver: Any, d
     wait(driver, 10, "the sweep field marked invalid", css(".field.invalid[data-field='sweep.sparsities']"))
 
 
+def test_the_form_shows_each_allocations_own_options_and_sends_them(driver: Any,
+                                                                     dashboard_service: Service) -> None:
+    sign_in(driver, dashboard_service)
+    driver.get(f"{dashboard_service.base_url}/dashboard/#/new")
+    wait(driver, 10, "the capabilities in the form", css("form.job-form[data-ready='true']"))
+
+    def shown() -> list[str]:
+        fields = driver.find_elements(By.CSS_SELECTOR, ".allocation-options .field")
+        return [f.get_attribute("data-field") for f in fields if f.is_displayed()]
+
+    assert shown() == []  # uniform has no options
+    defaults = dashboard_service.http.get("/v1/capabilities").json()["allocation_options"]["defaults"]
+    Select(driver.find_element(By.NAME, "allocation")).select_by_value("alphapruning")
+    assert shown() == ["allocation_options.epsilon"]
+    assert float(driver.find_element(By.NAME, "allocation_options.epsilon").get_attribute("value")) == \
+        defaults["epsilon"]
+    Select(driver.find_element(By.NAME, "allocation")).select_by_value("dlp")
+    assert shown() == ["allocation_options.alpha"]
+    Select(driver.find_element(By.NAME, "allocation")).select_by_value("ecoflap-zeroth")
+    assert shown() == ["allocation_options.perturbation"]
+    perturbations = [o.get_attribute("value") for o in
+                     Select(driver.find_element(By.NAME, "allocation_options.perturbation")).options]
+    assert perturbations == ["", "tensor", "block"]
+
+    # An option out of its range is refused and its field marked; in range, it reaches the job's request.
+    Select(driver.find_element(By.NAME, "allocation")).select_by_value("alphapruning")
+    set_value(driver, "allocation_options.epsilon", "1.5")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "epsilon marked invalid", css(".field.invalid[data-field='allocation_options.epsilon']"))
+    set_value(driver, "allocation_options.epsilon", "0.2")
+    set_value(driver, "calibration.num_samples", "4")
+    set_value(driver, "calibration.seq_len", "32")
+    set_value(driver, "evaluation.num_samples", "2")
+    set_value(driver, "evaluation.seq_len", "32")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
+    job_id = re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+    job = dashboard_service.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["request"]["allocation"] == "alphapruning"
+    assert job["request"]["allocation_options"]["epsilon"] == 0.2
+
+
 def test_a_vision_language_job_with_targets_and_a_budget_job_with_its_probes(driver: Any,
                                                                              dashboard_service: Service) -> None:
     """The form offers a two-tower model's towers from GET /v1/models and sends `targets`; a budget job's page

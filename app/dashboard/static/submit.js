@@ -23,6 +23,24 @@ export function submitView(root, { capabilities }) {
   const method = h("select", {}, h("option", { value: "wanda" }, "wanda"));
   const pattern = h("select", {}, h("option", { value: "unstructured" }, "unstructured"));
   const allocation = h("select", {}, h("option", { value: "uniform" }, "uniform"));
+  // allocation_options of the allocations that have one of their own; shown for that allocation only, each
+  // starting at the server's default (GET /v1/capabilities). Left at "default", a field is not sent.
+  const perturbation = h("select", {}, h("option", { value: "" }, "default"));
+  const epsilon = num({ value: 0.3, min: 0, max: 0.99, step: 0.01 });
+  const alpha = num({ value: 0.15, min: 0, max: 0.49, step: 0.01 });
+  const optionFields = {
+    "ecoflap-zeroth": field("allocation_options.perturbation", "Perturbation", perturbation,
+      "one random direction per block (the default, 16 windows of 32 tokens) or per weight matrix (tensor)"),
+    alphapruning: field("allocation_options.epsilon", "Epsilon", epsilon,
+      "sparsities proportional to [1 - ε, 1 + ε], from each block's heavy-tail exponent"),
+    dlp: field("allocation_options.alpha", "Alpha", alpha,
+      "sparsities in [s - α, s + α], from each block's median Wanda score"),
+  };
+  const optionInputs = { "ecoflap-zeroth": perturbation, alphapruning: epsilon, dlp: alpha };
+  const syncOptions = () => {
+    for (const [name, wrap] of Object.entries(optionFields)) wrap.hidden = allocation.value !== name;
+  };
+  allocation.addEventListener("change", syncOptions);
   const sweep = h("input", { type: "text", value: "", placeholder: "e.g. 0.5, 0.6, 0.7", autocomplete: "off",
     inputmode: "decimal" });
   const dataset = h("select", {}, h("option", { value: "builtin:wiki-en" }, "builtin:wiki-en"));
@@ -67,6 +85,7 @@ export function submitView(root, { capabilities }) {
           "uniform: every layer at the target; ecoflap-*, owl, alphapruning (data-free), dlp: per-block sparsity from a global score"),
         field("sweep.sparsities", "Sweep (optional)", sweep,
           "several sparsities from one scoring pass: one model each, and a perplexity curve")),
+      h("div", { class: "row allocation-options" }, ...Object.values(optionFields)),
       targetsField),
     h("fieldset", {},
       h("legend", {}, "Calibration"),
@@ -92,6 +111,7 @@ export function submitView(root, { capabilities }) {
   };
   evalOn.addEventListener("change", syncEval);
   syncEval();
+  syncOptions();
 
   capabilities().then((caps) => {
     if (controller.signal.aborted) return;
@@ -103,6 +123,12 @@ export function submitView(root, { capabilities }) {
     fill(method, caps.methods, caps.methods.includes("wanda") ? "wanda" : caps.methods[0]);
     fill(pattern, caps.patterns);
     fill(allocation, caps.allocations, "uniform");
+    const options = caps.allocation_options || {};
+    fill(perturbation, ["", ...(options.perturbations || [])], "");
+    perturbation.options[0].textContent = "default";
+    if (options.defaults?.epsilon != null) epsilon.value = options.defaults.epsilon;
+    if (options.defaults?.alpha != null) alpha.value = options.defaults.alpha;
+    syncOptions();
     datasetKinds = new Map(caps.datasets.map((d) => [d.id, d.kind]));
     fill(dataset, caps.datasets.map((d) => d.id), "builtin:wiki-en");
     syncModel();
@@ -173,6 +199,13 @@ export function submitView(root, { capabilities }) {
     return targetsField.hidden || Object.keys(out).length === 0 ? undefined : out;
   }
 
+  function allocationOptions() {
+    const input = optionInputs[allocation.value];
+    if (!input || input.value.trim() === "") return undefined;
+    const name = input.name.split(".")[1];
+    return { [name]: input.type === "number" ? Number(input.value) : input.value };
+  }
+
   function clearErrors() {
     problem.hidden = true;
     for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
@@ -216,6 +249,7 @@ export function submitView(root, { capabilities }) {
       pattern: pattern.value,
       ...(sweepValues.length ? { sweep: { sparsities: sweepValues } } : { sparsity: number("sparsity") }),
       allocation: allocation.value,
+      ...(allocationOptions() ? { allocation_options: allocationOptions() } : {}),
       ...(targets() ? { targets: targets() } : {}),
       calibration: { dataset: dataset.value, num_samples: number("calibration.num_samples"),
         seq_len: number("calibration.seq_len") },
