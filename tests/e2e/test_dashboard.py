@@ -394,6 +394,17 @@ def test_sign_out_forgets_the_key(driver: Any, dashboard_service: Service) -> No
     assert driver.execute_script("return localStorage.getItem('prunekit.apiKey')") is None
 
 
+def submit_small_job(driver: Any) -> str:
+    """Small calibration and evaluation (seconds on a CPU), submitted; the id of the job page it lands on."""
+    set_value(driver, "calibration.num_samples", "4")
+    set_value(driver, "calibration.seq_len", "32")
+    set_value(driver, "evaluation.num_samples", "2")
+    set_value(driver, "evaluation.seq_len", "32")
+    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
+    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
+    return re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+
+
 def test_a_sweep_with_an_allocation_from_the_form_draws_its_curve(driver: Any, dashboard_service: Service) -> None:
     sign_in(driver, dashboard_service)
     driver.get(f"{dashboard_service.base_url}/dashboard/#/new")
@@ -403,13 +414,7 @@ def test_a_sweep_with_an_allocation_from_the_form_draws_its_curve(driver: Any, d
     set_value(driver, "model", "local:tiny-llama")
     Select(driver.find_element(By.NAME, "allocation")).select_by_value("owl")
     set_value(driver, "sweep.sparsities", "0.3, 0.6")
-    set_value(driver, "calibration.num_samples", "4")
-    set_value(driver, "calibration.seq_len", "32")
-    set_value(driver, "evaluation.num_samples", "2")
-    set_value(driver, "evaluation.seq_len", "32")
-    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
-    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
-    job_id = re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+    job_id = submit_small_job(driver)
     try:
         wait(driver, 90, "the sweep chart", css("main[data-status='succeeded'] #sweep-chart svg.sweep-chart"))
     except AssertionError as exc:
@@ -458,13 +463,7 @@ def test_the_form_shows_each_allocations_own_options_and_sends_them(driver: Any,
     driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
     wait(driver, 10, "epsilon marked invalid", css(".field.invalid[data-field='allocation_options.epsilon']"))
     set_value(driver, "allocation_options.epsilon", "0.2")
-    set_value(driver, "calibration.num_samples", "4")
-    set_value(driver, "calibration.seq_len", "32")
-    set_value(driver, "evaluation.num_samples", "2")
-    set_value(driver, "evaluation.seq_len", "32")
-    driver.find_element(By.CSS_SELECTOR, "form.job-form button[type=submit]").click()
-    wait(driver, 10, "the job page", lambda d: re.search(r"#/jobs/(job_\w+)$", d.current_url))
-    job_id = re.search(r"#/jobs/(job_\w+)$", driver.current_url).group(1)
+    job_id = submit_small_job(driver)
     job = dashboard_service.http.get(f"/v1/jobs/{job_id}").json()
     assert job["request"]["allocation"] == "alphapruning"
     assert job["request"]["allocation_options"]["epsilon"] == 0.2
