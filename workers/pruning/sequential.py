@@ -414,14 +414,15 @@ def _gather(block: nn.Module, linears: dict[str, nn.Module], method: Method, hid
     # never used. A block whose calls depend on the data (a mixture of experts) may reach a layer twice or not
     # at all, and always runs whole.
     last: str | None = None
-    order: list[str] = []  # the first batch's calls, in order
+    called_last: str | None = None  # in the first batch
 
     def hook(name: str, layer: nn.Module) -> Callable[..., None]:
         def add(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            nonlocal called_last
             x = args[0]
             calls.setdefault(name, []).append(x)
             if batch_number == 0:
-                order.append(name)
+                called_last = name
             _add(name, layer, x)
             if name == last and all(len(calls.get(other, ())) == 1 for other in linears):
                 raise _StatsComplete
@@ -452,8 +453,8 @@ def _gather(block: nn.Module, linears: dict[str, nn.Module], method: Method, hid
             with contextlib.suppress(_StatsComplete):
                 run_block(block, hidden[start:start + batch_size], batch_args[number:number + 1], batch_size,
                           write_back=False)
-            if number == 0 and len(order) == len(linears) and set(order) == set(linears):
-                last = order[-1]
+            if number == 0 and all(len(calls.get(name, ())) == 1 for name in linears):
+                last = called_last
             for name, first in leader.items():
                 mine, theirs = calls.get(name, []), calls.get(first, [])
                 if len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs, strict=True)):

@@ -138,16 +138,16 @@ def prune_stacked(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsi
         # held transposed (column j is row j), a pruned weight's error is its value times 1/U_jj (0 when kept),
         # and the rank-one update goes through one scratch buffer.
         columns = block.T.contiguous()
-        drop = (~block_keep).T.to(torch.float32) / diag.unsqueeze(1) if nm is None else None
+        # N:M masks are chosen group by group inside the loop: their rows of `drop` are filled as they are.
+        drop = (~block_keep).T.to(torch.float32) / diag.unsqueeze(1)
         errors = torch.empty_like(columns)
         scratch = torch.empty_like(columns)
         for j in range(width):
             if nm is not None and j % nm[1] == 0:
                 group = slice(j, j + nm[1])
                 block_keep[:, group] = nm_mask(columns[group].T.pow(2) / diag[group].pow(2).unsqueeze(0), *nm)
-                drop_group = (~block_keep[:, group]).T.to(torch.float32) / diag[group].unsqueeze(1)
-            scale = drop[j] if drop is not None else drop_group[j % nm[1]]  # type: ignore[index]
-            torch.mul(columns[j], scale, out=errors[j])
+                drop[group] = (~block_keep[:, group]).T.to(torch.float32) / diag[group].unsqueeze(1)
+            torch.mul(columns[j], drop[j], out=errors[j])
             # OBS: column j lands on its kept value (w or 0) and the later columns of the block compensate.
             update = scratch[: width - j]
             torch.mul(u_block[j, j:].unsqueeze(1), errors[j].unsqueeze(0), out=update)
