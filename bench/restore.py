@@ -118,11 +118,11 @@ def run_config(name: str, quick: bool, steps: int | None) -> dict[str, Any]:
     if model == "smollm2":
         calibration = CalibrationSpec(num_samples=sizes["calibration_samples"], seq_len=sizes["seq_len"], seed=SEED)
         evaluation = EvaluationSpec(num_samples=sizes["evaluation_samples"], seq_len=sizes["seq_len"])
-        # Zeroth order as measured before block perturbation became its default (one direction per matrix), but
-        # for the best pipeline, which takes the product's defaults.
-        allocation_options = ({} if allocation == "ecoflap-zeroth" and name.endswith("-best") else
-                              {**ECOFLAP_ZEROTH, "perturbation": "tensor"} if allocation == "ecoflap-zeroth" else
-                              ECOFLAP_ZEROTH if allocation == "ecoflap-first" else {})
+        allocation_options: dict[str, Any] = ECOFLAP_ZEROTH if allocation == "ecoflap-first" else {}
+        if allocation == "ecoflap-zeroth" and not name.endswith("-best"):
+            # As measured before block perturbation became its default: one direction per matrix. The best
+            # pipeline takes the product's defaults.
+            allocation_options = {**ECOFLAP_ZEROTH, "perturbation": "tensor"}
         model_dir = MODEL_DIR
     else:
         calibration = CalibrationSpec(num_samples=CLIP_SAMPLES, seed=SEED)
