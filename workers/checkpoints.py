@@ -12,6 +12,7 @@ from prunekit.core.db import queries
 from prunekit.core.storage import ArtifactStore
 from workers.lease import Lease
 from workers.pruning.checkpoint import Checkpoint, CheckpointError, Resume
+from workers.publish import StoredCopy
 
 log = logging.getLogger("prunekit.worker")
 
@@ -25,12 +26,15 @@ class StoreFiles:
     prefix: str
     lease: Lease
 
-    def put(self, name: str, path: Path) -> None:
+    def put(self, name: str, path: Path) -> str:
         self.lease.check()
         try:
-            self.store.put_file(f"{self.prefix}/{name}", path, "application/octet-stream")
+            return self.store.put_file(self.key(name), path, "application/octet-stream")
         except Exception as exc:  # an S3 blip costs this checkpoint, not the job
             raise CheckpointError(f"could not store {name}: {exc}") from exc
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
 
     def get(self, name: str, dest: Path) -> bool:
         key = f"{self.prefix}/{name}"
@@ -52,6 +56,16 @@ def checkpoint_for(lease: Lease, store: ArtifactStore, tenant_id: str, scratch: 
         return None
     files = StoreFiles(store, layout.checkpoints_prefix(tenant_id, lease.job_id), lease)
     return Checkpoint(files, scratch, settings.checkpoint_every_blocks, on_resume=lambda r: _resumed(lease, r))
+
+
+def stored_output(checkpoint: Checkpoint | None, folder: Path) -> dict[str, StoredCopy]:
+    """The pruned model's files (by their names in `folder`) that the job's checkpoint already holds in the store:
+    a streamed run's output shards, saved once as they were completed."""
+    if checkpoint is None or not isinstance(checkpoint.files, StoreFiles):
+        return {}
+    files = checkpoint.files
+    return {name: StoredCopy(files.key(saved.name), saved.sha256)
+            for name, saved in checkpoint.stored_output(folder).items()}
 
 
 def _resumed(lease: Lease, resume: Resume) -> None:

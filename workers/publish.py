@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -18,28 +19,44 @@ log = logging.getLogger("prunekit.worker")
 T = TypeVar("T")
 
 
-def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str, Path]) -> None:
+@dataclass(frozen=True)
+class StoredCopy:
+    """A file to publish that the store already holds, byte for byte (a checkpoint's copy of an output shard)."""
+
+    key: str
+    sha256: str
+
+
+def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str, Path],
+            stored: dict[str, StoredCopy] | None = None) -> None:
     """Uploads under the attempt's own prefix, records the rows while the lease holds, then removes what earlier,
-    interrupted attempts left behind. An attempt that lost its lease removes its own upload instead.
+    interrupted attempts left behind. An attempt that lost its lease removes its own upload instead. A file in
+    `stored` is copied within the store instead of uploaded again (the artifacts' event says which).
 
     A store that cannot be reached is retried (STORAGE_RETRY_S per outage) and the upload goes on with the file
     it stopped at; if it stays away, StorageUnavailable ends the job before any row is written."""
     job_id = lease.job_id
     prefix = layout.attempt_prefix(tenant_id, job_id, lease.attempt)
-    stored = []
+    held = stored or {}
+    published = []
     lease.check()
     patient = _Patient(lease, len(files))
     for done, (name, path) in enumerate(files.items()):
         key = f"{prefix}/{name}"
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        # The store hashes the file in the pass that uploads it: a multi-GB shard is read once, not twice.
-        digest = patient.call(partial(store.put_file, key, path, content_type), f"uploading {name}",
-                              left=len(files) - done - 1)
-        stored.append(lifecycle.StoredFile(name=name, key=key, size_bytes=path.stat().st_size,
-                                           sha256=digest, content_type=content_type))
+        if name in held:
+            patient.call(partial(store.copy, held[name].key, key, content_type), f"copying {name}",
+                         left=len(files) - done - 1)
+            digest = held[name].sha256
+        else:
+            # The store hashes the file in the pass that uploads it: a multi-GB shard is read once, not twice.
+            digest = patient.call(partial(store.put_file, key, path, content_type), f"uploading {name}",
+                                  left=len(files) - done - 1)
+        published.append(lifecycle.StoredFile(name=name, key=key, size_bytes=path.stat().st_size, sha256=digest,
+                                              content_type=content_type, copied=name in held))
     try:
         with lease.session() as session:
-            lifecycle.publish(session, job_id, tenant_id, stored)
+            lifecycle.publish(session, job_id, tenant_id, published)
     except LeaseLost:
         store.delete_prefix(prefix)
         raise

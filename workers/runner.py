@@ -77,9 +77,9 @@ def _run(lease: Lease, claimed: lifecycle.Claimed, scratch: Path, outbox: lifecy
         source = resolve_model(request["model"], settings, scratch / "source", tenant_id=tenant_id, store=store)
         spec = build_spec(request, source, settings)
         spec = resolve_datasets(spec, tenant_id, settings, store, scratch)
+        checkpoint = checkpoints.checkpoint_for(lease, store, tenant_id, scratch / "checkpoint")
         result = run_pipeline(spec, scratch / "model", on_progress=lambda p: _record_progress(lease, p),
-                              should_cancel=lambda: _cancel_requested(lease),
-                              checkpoint=checkpoints.checkpoint_for(lease, store, tenant_id, scratch / "checkpoint"),
+                              should_cancel=lambda: _cancel_requested(lease), checkpoint=checkpoint,
                               score_cache=StoreScoreCache.for_tenant(store, tenant_id, scratch / "score-cache"))
         name_datasets_as_submitted(result.report, request)
         name_model_as_submitted(result.report, request)
@@ -89,7 +89,7 @@ def _run(lease: Lease, claimed: lifecycle.Claimed, scratch: Path, outbox: lifecy
         files = {p.relative_to(result.output_dir).as_posix(): p for p in sorted(result.output_dir.rglob("*"))
                  if p.is_file()}
         files["report.json"] = report_path
-        publish(lease, store, tenant_id, files)
+        publish(lease, store, tenant_id, files, checkpoints.stored_output(checkpoint, result.output_dir))
         # Checkpoints are needed no more; removed before the status says so (nobody sees an ended job's files
         # linger), and only while the lease holds: a successor may be resuming from them.
         lease.check()

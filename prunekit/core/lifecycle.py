@@ -72,6 +72,7 @@ class StoredFile:
     size_bytes: int
     sha256: str
     content_type: str
+    copied: bool = False  # copied within the store from the job's checkpoint, not uploaded
 
 
 def claim(session: Session, job_id: str, owner: str, lease_s: float, max_running: int,
@@ -111,8 +112,17 @@ def publish(session: Session, job_id: str, tenant_id: str, files: list[StoredFil
     session.add_all([Artifact(id=new_id("art"), job_id=job_id, tenant_id=tenant_id, name=f.name,
                               size_bytes=f.size_bytes, sha256=f.sha256, content_type=f.content_type, storage_key=f.key)
                      for f in files])
-    queries.add_event(session, job_id, f"Stored {len(files)} artifacts.",
-                      data={"artifacts": sorted(f.name for f in files)})
+    copied = [f for f in files if f.copied]
+    how = (f" ({len(copied)} of them, {_mb(sum(f.size_bytes for f in copied))}, copied within the store from the "
+           f"job's checkpoint, the rest uploaded)" if copied else "")
+    queries.add_event(session, job_id, f"Stored {len(files)} artifacts{how}.",
+                      data={"artifacts": sorted(f.name for f in files), "bytes": sum(f.size_bytes for f in files),
+                            "copied": sorted(f.name for f in copied),
+                            "copied_bytes": sum(f.size_bytes for f in copied)})
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 def finish(session: Session, job_id: str, status: JobStatus, message: str, metrics: dict[str, Any] | None = None,

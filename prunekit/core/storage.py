@@ -29,6 +29,8 @@ DIR_MODE = 0o755
 class ArtifactStore(Protocol):
     # Stores the file, read once and one piece at a time, and returns the sha256 of the bytes it read.
     def put_file(self, key: str, path: Path, content_type: str) -> str: ...
+    # A stored file stored again under another key, within the store (no bytes through the caller).
+    def copy(self, source_key: str, key: str, content_type: str) -> None: ...
     def download_file(self, key: str, dest: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> list[str]: ...
@@ -67,6 +69,23 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             raise
         return digest
+
+    def copy(self, source_key: str, key: str, content_type: str) -> None:
+        source, dest = self.path_for(source_key), self.path_for(key)
+        _make_folders(dest.parent)
+        tmp = dest.with_name(f".{dest.name}.{os.urandom(8).hex()}.partial")
+        try:
+            # A second name for the same bytes where the file system allows it (the source is never written again:
+            # a stored file is replaced whole, under a new inode); else a streamed copy.
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+                tmp.chmod(FILE_MODE)
+            tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def download_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +164,13 @@ class S3Store:
             self.client.upload_fileobj(reader, self.bucket, self._full(key),
                                        ExtraArgs={"ContentType": content_type}, Config=self.transfer_config)
             return reader.hexdigest()
+
+    def copy(self, source_key: str, key: str, content_type: str) -> None:
+        # The transfer manager's managed copy: one CopyObject, or for a file of part size or more UploadPartCopy
+        # parts (S3 copies at most 5 GB in one request); the bytes never leave the store.
+        self.client.copy({"Bucket": self.bucket, "Key": self._full(source_key)}, self.bucket, self._full(key),
+                         ExtraArgs={"ContentType": content_type, "MetadataDirective": "REPLACE"},
+                         Config=self.transfer_config)
 
     def download_file(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,20 @@ def test_put_list_download_delete(store: LocalStore | S3Store, tmp_path: Path) -
     assert store.list_keys("ten_a") == []
 
 
+def test_copy_within_the_store_outlives_its_source(store: LocalStore | S3Store, tmp_path: Path) -> None:
+    payload = secrets.token_bytes(200_000)
+    src = tmp_path / "shard.safetensors"
+    src.write_bytes(payload)
+    store.put_file("ten_a/job_1/checkpoints/output-model.safetensors", src, "application/octet-stream")
+    store.copy("ten_a/job_1/checkpoints/output-model.safetensors", "ten_a/job_1/attempt-2/model.safetensors",
+               "application/octet-stream")
+    store.delete_prefix("ten_a/job_1/checkpoints")  # as the job's end removes its checkpoints
+    assert store.list_keys("ten_a/job_1") == ["ten_a/job_1/attempt-2/model.safetensors"]
+    dest = tmp_path / "back.safetensors"
+    store.download_file("ten_a/job_1/attempt-2/model.safetensors", dest)
+    assert dest.read_bytes() == payload
+
+
 @pytest.mark.parametrize("key", ["../escape", "/abs/path", "a/../../b", "a//b", ""])
 def test_keys_cannot_climb_out(key: str) -> None:
     with pytest.raises(ValueError):

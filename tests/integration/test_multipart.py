@@ -23,7 +23,7 @@ from prunekit.core.db.session import migrate, session_scope
 from prunekit.core.storage import ArtifactStore, LocalStore, S3Store, make_store
 from prunekit.core.transfer import MIB, HashingReader
 from workers.lease import Lease
-from workers.publish import publish
+from workers.publish import StoredCopy, publish
 
 PART = 5 * MIB  # S3's smallest part
 SIZE = 12_000_000  # two parts of 5 MiB and one of 1,514,240 bytes
@@ -46,7 +46,8 @@ def new_bucket(endpoint: str) -> str:
     return bucket
 
 
-def publish_one(settings: Settings, store: ArtifactStore, tenant_id: str, name: str, path: Path) -> Artifact:
+def publish_one(settings: Settings, store: ArtifactStore, tenant_id: str, name: str, path: Path,
+                copy_of: StoredCopy | None = None) -> Artifact:
     """`path` published as job's only artifact the way a worker does it (a claimed job, its lease, publish()); the
     artifact's row as recorded."""
     owner = f"test-{secrets.token_hex(4)}"
@@ -55,10 +56,13 @@ def publish_one(settings: Settings, store: ArtifactStore, tenant_id: str, name: 
                                     {}, None)
         assert queries.claim_job(session, job.id, owner, 60, 2) == "claimed"
         job_id, attempt = job.id, job.attempts
-    publish(Lease(job_id, owner, attempt, settings), store, tenant_id, {name: path})
+    publish(Lease(job_id, owner, attempt, settings), store, tenant_id, {name: path},
+            {name: copy_of} if copy_of is not None else None)
     with session_scope(settings) as session:
         [artifact] = queries.list_artifacts(session, job_id)
         session.expunge(artifact)
+        [stored] = [e for e in queries.list_events(session, job_id, None, 1000)[0] if e.message.startswith("Stored")]
+        assert stored.data["copied"] == ([name] if copy_of is not None else []), stored.data
     return artifact
 
 
@@ -88,6 +92,32 @@ def test_a_file_larger_than_a_part_goes_up_in_parts_with_its_sha256_recorded(
     assert parts == [PART, PART, SIZE - 2 * PART]
 
     back = tmp_path / "back" / "model.safetensors"
+    store.download_file(artifact.storage_key, back)
+    assert back.read_bytes() == data
+
+
+def test_a_shard_the_checkpoint_holds_is_copied_in_parts_within_the_store(
+        s3_endpoint: str, tmp_path: Path, big_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed job's output shard, already in the store as its checkpoint saved it, is published by a copy inside
+    S3 (in parts: UploadPartCopy), with the sha256 taken when the checkpoint uploaded it."""
+    monkeypatch.setenv("S3_PART_SIZE_MB", "5")
+    bucket = new_bucket(s3_endpoint)
+    settings = Settings(PRUNEKIT_VAR_DIR=tmp_path, artifact_store=f"s3://{bucket}/artifacts",
+                        s3_endpoint_url=s3_endpoint)
+    migrate(settings.database_url)
+    store = make_store(settings)
+    with session_scope(settings) as session:
+        tenant_id = get_or_create_tenant(session, f"mp-{secrets.token_hex(4)}").id
+    saved_key = f"{tenant_id}/checkpoint-of-another-job/output-{big_file.name}"
+    digest = store.put_file(saved_key, big_file, "application/octet-stream")
+
+    artifact = publish_one(settings, store, tenant_id, big_file.name, big_file, StoredCopy(saved_key, digest))
+    data = big_file.read_bytes()
+    assert artifact.sha256 == sha256(data) and artifact.size_bytes == SIZE
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    head = s3.head_object(Bucket=bucket, Key=f"artifacts/{artifact.storage_key}")
+    assert head["ETag"].strip('"').endswith("-3") and head["ContentType"] == "application/octet-stream"
+    back = tmp_path / "back" / big_file.name
     store.download_file(artifact.storage_key, back)
     assert back.read_bytes() == data
 

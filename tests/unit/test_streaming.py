@@ -5,6 +5,7 @@ memory than the model; and what cannot stream is refused readably."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -125,9 +126,10 @@ def test_streamed_smollm2_with_tied_head_is_bit_identical(smollm2_dir: Path, sma
 
 def test_resumed_streamed_run_is_bit_identical(tiny_model: Callable[[str], Path], small_text: Path,
                                                tmp_path: Path) -> None:
-    """Interrupted inside LLaVA's language tower and run again: the finished blocks come back from the checkpoint
-    (saved from the output they were written to) straight into the new output."""
-    spec = spec_for(tiny_model("llava"), small_text, method="sparsegpt", offload="disk")
+    """Interrupted inside LLaVA's language tower and run again: the checkpoint holds the output's own shards (no
+    copy of any block), byte for byte those of an uninterrupted run, and they go back into the new output."""
+    # A shard size below one block's bytes: every block ends a shard, so every block is a resume point.
+    spec = spec_for(tiny_model("llava"), small_text, method="sparsegpt", offload="disk", output_shard_bytes=1)
     run(spec, tmp_path / "reference")
     files = FolderFiles(tmp_path / "checkpoint")
 
@@ -140,12 +142,64 @@ def test_resumed_streamed_run_is_bit_identical(tiny_model: Callable[[str], Path]
 
     with pytest.raises(Crash):
         run(spec, tmp_path / "first", on_progress=crash, checkpoint=Checkpoint(files, tmp_path / "stage-1"))
+    saved = sorted(path.name for path in (tmp_path / "checkpoint").iterdir())
+    assert not [name for name in saved if name.startswith("block-")], saved
+    shards = [name for name in saved if name.startswith("output-")]
+    assert shards
+    for name in shards:
+        assert (tmp_path / "checkpoint" / name).read_bytes() == \
+            (tmp_path / "reference" / name.removeprefix("output-")).read_bytes()
     resumes: list[Resume] = []
     progress: list[Progress] = []
     run(spec, tmp_path / "second", on_progress=progress.append,
         checkpoint=Checkpoint(files, tmp_path / "stage-2", on_resume=resumes.append))
     assert [(r.tower, r.block, r.done) for r in resumes] == [("language", 1, 3)]
     assert [p.done for p in progress if p.stage == "pruning" and p.done > 0] == [4]
+    assert_same_tensors(tmp_path / "second", tmp_path / "reference")
+    for shard in (tmp_path / "reference").glob("model-*.safetensors"):
+        assert (tmp_path / "second" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_a_streamed_checkpoint_is_saved_where_an_output_shard_ends(tmp_path: Path, small_text: Path) -> None:
+    """Shards of two blocks each: progress is saved after blocks 2, 4 and 6 (each pointing at the shard just
+    completed, uploaded once), so a run stopped after block 5 resumes after block 4; the checkpoint wrote the
+    blocks' bytes once, not twice; and the publishing step finds every block's shard in the checkpoint."""
+    from prunekit.fixtures.demo_models import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "llama6", layers=6)
+    with WeightFiles(tmp_path / "llama6") as files:
+        block = sum(files.info(name).nbytes for name in files.names() if name.startswith("model.layers.0."))
+    spec = spec_for(tmp_path / "llama6", small_text, offload="disk", output_shard_bytes=2 * block + block // 2)
+    files = FolderFiles(tmp_path / "checkpoint")
+
+    class Crash(Exception):
+        pass
+
+    def crash(progress: Progress) -> None:
+        if progress.stage == "pruning" and progress.done == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(spec, tmp_path / "first", on_progress=crash, checkpoint=Checkpoint(files, tmp_path / "stage-1"))
+    # Shards 1-3 hold two blocks each; the embeddings and head come after them.
+    count = len(list((tmp_path / "first").glob("model-*-of-*.safetensors")))
+    shard = [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("output-*")) == [f"output-{s}" for s in shard[:2]]
+    resumes: list[Resume] = []
+    checkpoint = Checkpoint(files, tmp_path / "stage-2", on_resume=resumes.append)
+    result = run(spec, tmp_path / "second", checkpoint=checkpoint)
+    assert [r.done for r in resumes] == [4]
+    summary = result.report["checkpoint"]
+    assert summary["saves"] == 1  # after the last block (6): its shard complete
+    hidden = (tmp_path / "checkpoint" / "state.json").stat().st_size  # no hidden states after the last block
+    assert summary["bytes_written"] == (tmp_path / "second" / shard[2]).stat().st_size + hidden
+    held = checkpoint.stored_output(tmp_path / "second")
+    assert sorted(held) == shard[:3]
+    assert all(saved.sha256 == hashlib.sha256((tmp_path / "second" / name).read_bytes()).hexdigest()
+               for name, saved in held.items())
+    # The shards after them (embeddings, norm, head) are written after the last block and never checkpointed.
+    reference = run(spec, tmp_path / "reference")
+    assert reference.metrics["sparsity"] == result.metrics["sparsity"]
     assert_same_tensors(tmp_path / "second", tmp_path / "reference")
 
 

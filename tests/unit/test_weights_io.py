@@ -114,6 +114,52 @@ def test_plan_respects_shard_bytes() -> None:
         assert len(shard) == 1 or sum(info.nbytes for info in shard) <= 160
 
 
+def test_plan_never_splits_a_unit_unless_it_is_larger_than_a_shard() -> None:
+    sizes = {"e": 30, "b0.q": 10, "b0.k": 10, "b1.q": 10, "b1.k": 10, "b2.q": 50, "b2.k": 30, "n": 1}
+    layout = [TensorInfo.of(name, torch.float32, (n,)) for name, n in sizes.items()]
+    units = [["b0.q", "b0.k"], ["b1.q", "b1.k"], ["b2.q", "b2.k"]]
+    # 40 floats a shard: e (30) and block 0 (20) would fit by tensor count alone but not as a whole; blocks 0 and 1
+    # (40) fill one shard; block 2 (80) is larger than a shard and is split by tensor into shards of its own.
+    shards = plan_shards(layout, shard_bytes=160, units=units)
+    assert [[info.name for info in shard] for shard in shards] == [["e"], ["b0.q", "b0.k", "b1.q", "b1.k"],
+                                                                   ["b2.q"], ["b2.k"], ["n"]]
+    assert plan_shards(layout, shard_bytes=160) != shards  # by tensor alone, e and b0.q share a shard
+
+
+def test_a_shard_is_complete_once_its_tensors_are_written_and_can_be_adopted_elsewhere(tmp_path: Path) -> None:
+    tensors = _tensors(torch.float32)
+    units = [["a.weight", "a.bias"], ["b.weight"]]
+    # 1500 bytes a shard: embed | a.weight a.bias | b.weight | norm scalar | head
+    first = ShardedWriter(tmp_path / "first", _layout(tensors), shard_bytes=1500, units=units)
+    first.write("a.weight", tensors["a.weight"])
+    assert first.complete_files() == []
+    first.write("a.bias", tensors["a.bias"])
+    [done] = first.complete_files()
+    assert done.name == "model-00002-of-00005.safetensors" and first.file_of("a.bias") == done
+
+    second = ShardedWriter(tmp_path / "second", _layout(tensors), shard_bytes=1500, units=units)
+    saved = tmp_path / "saved" / done.name
+    saved.parent.mkdir()
+    saved.write_bytes(done.read_bytes())
+    assert second.adopt(saved) and not saved.exists()
+    assert second.written() == {"a.weight", "a.bias"}
+    assert ShardedWriter.resume(tmp_path / "second").written() == {"a.weight", "a.bias"}  # journaled
+
+    # Another plan with a shard of the same name (a.bias stored as bf16): not adopted, nothing moved.
+    layout = [TensorInfo.of(info.name, torch.bfloat16 if info.name == "a.bias" else info.dtype, info.shape)
+              for info in _layout(tensors)]
+    other = ShardedWriter(tmp_path / "other", layout, shard_bytes=1500, units=units)
+    saved.write_bytes(done.read_bytes())
+    assert not other.adopt(saved) and saved.exists() and other.written() == set()
+
+    for writer in (first, second):
+        for name in tensors:
+            if name not in writer.written():
+                writer.write(name, tensors[name])
+    mine, theirs = first.close(), second.close()
+    assert [path.read_bytes() for path in mine] == [path.read_bytes() for path in theirs]
+
+
 def test_tiny_llama_written_in_shards_loads_in_transformers(tmp_path: Path) -> None:
     model = tiny_llama_from_config()
     state = model.state_dict()

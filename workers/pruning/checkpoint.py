@@ -1,10 +1,16 @@
 """Checkpoints of the block-by-block driver, so that a job run again after a crash resumes where it stopped.
 
 After a block is pruned, what is needed to carry on exactly is written as files: the parameters of the blocks
-finished since the last save (one safetensors file per block, written once), the hidden states entering the
-next block (safetensors), and state.json, which lists them and names the job they belong to (a fingerprint of
-the spec, the model's and dataset's contents, device, dtype and library versions). state.json is written last:
-a crash halfway through a save leaves the previous state.json, which still names complete files.
+finished since the last save, the hidden states entering the next block (safetensors), and state.json, which
+lists them and names the job they belong to (a fingerprint of the spec, the model's and dataset's contents,
+device, dtype and library versions). state.json is written last: a crash halfway through a save leaves the
+previous state.json, which still names complete files.
+
+A model held in memory has its finished blocks saved as one safetensors file per block, written once. A model
+streamed from disk has already written them to its output: the checkpoint points at the output's shards instead
+(WrittenOutput), saving each once when it is complete (a shard never splits blocks, streaming.start_output) and
+saving progress only at such a boundary. The shards it holds are the pruned model's own files, so the publishing
+step may copy them within the store instead of uploading them again (stored_output).
 
 Where the files live is the caller's business (CheckpointFiles): a local folder here, an artifact-store
 prefix in the worker. The format stays in this module so that every backend reads and writes the same one.
@@ -32,8 +38,9 @@ from workers.pruning.spec import WORKER_FIELDS, PruneSpec, spec_record
 
 log = logging.getLogger("prunekit.engine")
 
-FORMAT = 1  # bump when the files' layout or meaning changes: older checkpoints are then ignored
+FORMAT = 2  # bump when the files' layout or meaning changes: older checkpoints are then ignored
 STATE = "state.json"
+SHARD_PREFIX = "output-"  # a saved output shard's file name: the prefix and the shard's own name
 
 
 class CheckpointError(Exception):
@@ -41,9 +48,10 @@ class CheckpointError(Exception):
 
 
 class CheckpointFiles(Protocol):
-    """Flat named files somewhere. put() must replace a file whole (readers never see half of one)."""
+    """Flat named files somewhere. put() must replace a file whole (readers never see half of one) and returns the
+    sha256 of the bytes it stored."""
 
-    def put(self, name: str, path: Path) -> None: ...
+    def put(self, name: str, path: Path) -> str: ...
     def get(self, name: str, dest: Path) -> bool: ...  # False when there is no such file
     def delete(self, name: str) -> None: ...
 
@@ -54,8 +62,17 @@ class FolderFiles:
 
     root: Path
 
-    def put(self, name: str, path: Path) -> None:
-        write_whole(self.root / name, lambda tmp: shutil.copyfile(path, tmp))
+    def put(self, name: str, path: Path) -> str:
+        digest = hashlib.sha256()
+
+        def copy(tmp: Path) -> None:
+            with path.open("rb") as source, tmp.open("wb") as dest:
+                while chunk := source.read(2**20):
+                    digest.update(chunk)
+                    dest.write(chunk)
+
+        write_whole(self.root / name, copy)
+        return digest.hexdigest()
 
     def get(self, name: str, dest: Path) -> bool:
         if not (self.root / name).is_file():
@@ -80,6 +97,23 @@ class BlockDone:
     unused: list[str]  # full names of the layers calibration never reached, so far
 
 
+class WrittenOutput(Protocol):
+    """The output a streamed model is written to block by block (streaming.StreamedModel)."""
+
+    def complete_shards(self) -> list[Path]: ...  # shards whose every tensor is written: final from then on
+    def block_shards(self, tower: Tower, index: int) -> list[Path]: ...  # the shards holding the block's parameters
+
+
+@dataclass(frozen=True)
+class SavedShard:
+    """An output shard held by the checkpoint: the pruned model's own file, byte for byte."""
+
+    name: str  # the checkpoint's file
+    sha256: str
+    size_bytes: int
+    header_sha256: str  # of the safetensors header: which tensors, where (the plan that made it)
+
+
 @dataclass
 class Resume:
     """A checkpoint that matches this job: the driver skips the first `done` blocks of the plan."""
@@ -88,6 +122,7 @@ class Resume:
     tower: str  # where work continues, for messages
     block: int
     weight_files: list[Path]  # parameters of the finished blocks by full name, one local file per block
+    output_shards: list[Path]  # a streamed run's: its output's shards that hold the finished blocks, by their names
     hidden: torch.Tensor | None  # inputs of `block` when it is not the first of its tower
     unused: list[str]
     extra: dict[str, Any]  # the caller's JSON state (e.g. the dense model's metrics)
@@ -101,11 +136,12 @@ class Checkpoint:
     every_blocks: int = 1
     on_resume: Callable[[Resume], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # saved with every state.json
-    # A finished block's parameters by full name, as saved: by default read from the model; a model streamed from
-    # disk has released them, and they are read back from the output they were written to.
-    block_tensors: Callable[[Tower, int], dict[str, torch.Tensor]] | None = None
+    # A streamed run's output: finished blocks are pointed at there, never copied.
+    output: WrittenOutput | None = None
     _fingerprint: dict[str, Any] = field(default_factory=dict, init=False)
     _saved_blocks: list[str] = field(default_factory=list, init=False)
+    _shards: dict[str, SavedShard] = field(default_factory=dict, init=False)  # by the output shard's name
+    _saved_done: int = field(default=0, init=False)
     # Finished blocks not written yet: (tower, index, plan-wide number). Their parameters are read when saved;
     # a finished block is never touched again.
     _pending: list[tuple[Tower, int, int]] = field(default_factory=list, init=False)
@@ -137,21 +173,30 @@ class Checkpoint:
             log.warning("ignoring a checkpoint of a different job spec, model, data or environment")
             return None
         size = (folder / STATE).stat().st_size
-        for name in [*state["blocks"], *([state["hidden"]] if state["hidden"] else [])]:
-            if not self.files.get(name, folder / name):
+        shards = {name: SavedShard(**saved) for name, saved in state["shards"].items()}
+        # A shard comes back under its own name: the output adopts it by name.
+        wanted = [*((name, folder / name) for name in state["blocks"]),
+                  *((saved.name, folder / "output" / name) for name, saved in shards.items()),
+                  *([(state["hidden"], folder / state["hidden"])] if state["hidden"] else [])]
+        for name, dest in wanted:
+            if not self.files.get(name, dest):
                 raise CheckpointError(f"state.json names {name}, which is missing")
-            size += (folder / name).stat().st_size
+            size += dest.stat().st_size
         hidden = load_file(folder / state["hidden"])["hidden"] if state["hidden"] else None
-        self._saved_blocks, self._hidden = list(state["blocks"]), state["hidden"]
+        self._saved_blocks, self._shards, self._hidden = list(state["blocks"]), shards, state["hidden"]
+        self._saved_done = state["done"]
         self.extra = state["extra"]
         return Resume(state["done"], state["tower"], state["block"], [folder / name for name in state["blocks"]],
-                      hidden, state["unused"], state["extra"], size)
+                      [folder / "output" / name for name in shards], hidden, state["unused"], state["extra"], size)
 
     def after_block(self, event: BlockDone) -> None:
-        """Called by the driver after every block; saves every `every_blocks` blocks and after the last one."""
+        """Called by the driver after every block; saves once `every_blocks` blocks have been pruned since the last
+        save, and after the last block; a streamed run waits for the end of the output shard it is in."""
         self._pending.append((event.tower, event.index, event.done - 1))
-        if event.done % max(self.every_blocks, 1) and event.done != event.total:
+        if event.done != event.total and event.done - self._saved_done < max(self.every_blocks, 1):
             return
+        if self.output is not None and not self._pending_shards_complete():
+            return  # a streamed run saves at the end of an output shard: its blocks are then in a final file
         start = time.perf_counter()
         try:
             written = self._save(event)
@@ -177,14 +222,16 @@ class Checkpoint:
             self.files.put(name, path)
             path.unlink()
 
-        for tower, index, number in self._pending:
-            name = f"block-{number:05d}.safetensors"
-            tensors = (self.block_tensors(tower, index) if self.block_tensors is not None else
-                       {f"{tower.prefix}.{index}.{key}": value.detach().cpu().contiguous()
-                        for key, value in tower.blocks[index].named_parameters()})
-            put(name, lambda path, tensors=tensors: save_file(tensors, str(path)))  # type: ignore[misc]
-            if name not in self._saved_blocks:
-                self._saved_blocks.append(name)
+        if self.output is not None:
+            written += self._save_shards()
+        else:
+            for tower, index, number in self._pending:
+                name = f"block-{number:05d}.safetensors"
+                tensors = {f"{tower.prefix}.{index}.{key}": value.detach().cpu().contiguous()
+                           for key, value in tower.blocks[index].named_parameters()}
+                put(name, lambda path, tensors=tensors: save_file(tensors, str(path)))  # type: ignore[misc]
+                if name not in self._saved_blocks:
+                    self._saved_blocks.append(name)
         hidden = None
         if event.hidden is not None:
             hidden = f"hidden-{event.done:05d}.safetensors"
@@ -193,17 +240,60 @@ class Checkpoint:
         last = event.index + 1 == len(event.tower.blocks)
         state = {"format": FORMAT, "fingerprint": self._fingerprint, "done": event.done,
                  "tower": event.tower.name, "block": 0 if last else event.index + 1,
-                 "blocks": self._saved_blocks, "hidden": hidden, "unused": event.unused, "extra": self.extra}
+                 "blocks": self._saved_blocks, "shards": {name: vars(saved) for name, saved in self._shards.items()},
+                 "hidden": hidden, "unused": event.unused, "extra": self.extra}
         put(STATE, lambda path: path.write_text(json.dumps(state, sort_keys=True), encoding="utf-8"))
         self._pending.clear()
+        self._saved_done = event.done
         previous, self._hidden = self._hidden, hidden
         if previous and previous != hidden:
             self.files.delete(previous)  # only once the new state.json no longer names it
         return written
 
+    def _pending_shards(self) -> set[Path]:
+        assert self.output is not None
+        return {path for tower, index, _ in self._pending for path in self.output.block_shards(tower, index)}
+
+    def _pending_shards_complete(self) -> bool:
+        assert self.output is not None
+        return self._pending_shards() <= set(self.output.complete_shards())
+
+    def _save_shards(self) -> int:
+        """The complete output shards of the pending blocks not saved yet, each uploaded from its place once."""
+        written = 0
+        for path in sorted(self._pending_shards()):
+            if path.name in self._shards:
+                continue
+            name = f"{SHARD_PREFIX}{path.name}"
+            size = path.stat().st_size
+            digest = self.files.put(name, path)
+            self._shards[path.name] = SavedShard(name, digest, size, header_digest(path))
+            written += size
+        return written
+
+    def stored_output(self, folder: Path) -> dict[str, SavedShard]:
+        """The files of a finished output folder that this checkpoint holds byte for byte, by their names there:
+        the publishing step copies them within the store instead of uploading them again. A file is recognised by
+        its size and its safetensors header (its tensors and their places): a shard's bytes are decided by those and
+        the job, which the fingerprint pins."""
+        held: dict[str, SavedShard] = {}
+        for name, saved in self._shards.items():
+            local = folder / name
+            if local.is_file() and local.stat().st_size == saved.size_bytes and header_digest(local) == \
+                    saved.header_sha256:
+                held[name] = saved
+        return held
+
     def summary(self) -> dict[str, Any]:
         """For the report: how much checkpointing wrote and cost, and where this run resumed from."""
         return {"every_blocks": self.every_blocks, **self._stats}
+
+
+def header_digest(path: Path) -> str:
+    """sha256 of a safetensors file's header (its length prefix included)."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        return hashlib.sha256(head + fh.read(int.from_bytes(head, "little"))).hexdigest()
 
 
 def restore(model: torch.nn.Module, resume: Resume) -> None:

@@ -229,10 +229,7 @@ def _load(job: _Job) -> _Setup:
             # the input's dtype, read back from its output.
             resume = job.checkpoint.load(fingerprint(replace(spec, offload=job.placement.mode), job.device,
                                                      next(model.module.parameters()).dtype))
-            if model.streamed is not None:
-                streamed = model.streamed
-                job.checkpoint.block_tensors = lambda tower, index: streamed.written_tensors(
-                    tower.blocks[index], f"{tower.prefix}.{index}")
+            job.checkpoint.output = model.streamed  # a streamed run's checkpoint points at its output's shards
     return _Setup(model, plan, sum(len(tower.blocks) for tower, _ in plan), calibration, resume)
 
 
@@ -474,7 +471,9 @@ def _prune_streamed(job: _Job, setup: _Setup, method: Method, data: _Data, plan:
     pruned layer's zeros."""
     streamed = setup.model.streamed
     assert streamed is not None
-    streamed.start_output(folder, job.spec.output_shard_bytes)
+    streamed.start_output(folder, job.spec.output_shard_bytes,
+                          [(tower.blocks[index], f"{tower.prefix}.{index}") for tower, _ in plan
+                           for index in range(len(tower.blocks))])
     home = DiskHome(streamed)
     unused = _prune(job, setup, method, data, plan, allocation, label, home)
     streamed.finish_output()

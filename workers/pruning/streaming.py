@@ -380,10 +380,17 @@ class StreamedModel:
 
     # -- the output
 
-    def start_output(self, folder: Path, shard_bytes: int) -> None:
+    def start_output(self, folder: Path, shard_bytes: int, blocks: Sequence[tuple[nn.Module, str]] = ()) -> None:
         """A new output in the input's layout (the same tensors, each in the input's dtype); reads come from the
-        input again until tensors are written."""
-        self._writer = ShardedWriter(folder, [self.files.info(name) for name in self.files.names()], shard_bytes)
+        input again until tensors are written. `blocks` (module, prefix), in the order they will be written, come
+        first, and a shard never splits one from another (unless a block alone is larger than a shard): each shard
+        is complete, and final, when its last block is written, so a checkpoint can point at it."""
+        units = [list(dict.fromkeys(self._tensor[_join(prefix, local)]
+                                    for local, _ in block.named_parameters(remove_duplicate=False)))
+                 for block, prefix in blocks]
+        first = [name for unit in units for name in unit]
+        order = list(dict.fromkeys([*first, *self.files.names()]))
+        self._writer = ShardedWriter(folder, [self.files.info(name) for name in order], shard_bytes, units)
         self._output, self._output_files, self._written = folder, None, set()
 
     def write_module(self, module: nn.Module, prefix: str) -> None:
@@ -400,12 +407,31 @@ class StreamedModel:
         self._written.add(tensor)
         self._output_files = None  # re-read the output's headers: what changed under a mapping is not relied on
 
-    def written_tensors(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-        """The module's parameters as written to the output (the input's dtype), by the model's names."""
-        assert self._output is not None
-        with WeightFiles(self._output) as files:
-            return {_join(prefix, local): files.get(self._tensor[_join(prefix, local)])
-                    for local, _ in module.named_parameters(remove_duplicate=False)}
+    def complete_shards(self) -> list[Path]:
+        """The output's shards whose every tensor is written: final, so a checkpoint may point at them."""
+        assert self._writer is not None, "start_output first"
+        return self._writer.complete_files()
+
+    def block_shards(self, tower: Tower, index: int) -> list[Path]:
+        """The output's shards that hold the block's parameters."""
+        assert self._writer is not None, "start_output first"
+        prefix = f"{tower.prefix}.{index}"
+        return sorted({self._writer.file_of(self._tensor[_join(prefix, local)])
+                       for local, _ in tower.blocks[index].named_parameters(remove_duplicate=False)})
+
+    def adopt_shard(self, path: Path) -> list[str]:
+        """A shard of the output saved by a checkpoint, put back in place; returns the tensors it holds. Moved
+        whole when this output is planned the same way (the usual case: the same job on a worker with the same
+        settings), else its tensors are written one by one."""
+        assert self._writer is not None, "start_output first"
+        with WeightFiles(path) as saved:
+            names = saved.names()
+            if not self._writer.adopt(path):
+                for name in names:
+                    self.write_tensor(name, saved.get(name))
+        self._written.update(names)
+        self._output_files = None
+        return names
 
     def finish_output(self) -> None:
         """Every tensor not written yet copied from the input as it is stored, the shards closed, and the input's
@@ -468,18 +494,15 @@ class DiskHome:
         return self.streamed.forward()
 
     def restore(self, model: nn.Module, resume: Resume) -> None:
-        """A resumed job's finished blocks, from the checkpoint's files straight to the output."""
-        from safetensors.torch import load_file
-
-        for path in resume.weight_files:
-            tensors = load_file(path)
-            for name, value in tensors.items():
-                self.streamed.write_tensor(self.streamed.tensor_name(name), value)
-            for prefix, block in self.streamed.blocks:
-                if any(name.startswith(f"{prefix}.") for name in tensors):
-                    with self.streamed.loaded(block, prefix):  # read back from the output: its zeros
-                        self._count(block, prefix)
+        """A resumed job's finished blocks: the output's shards its checkpoint pointed at, put back in place."""
+        restored: set[str] = set()
+        for path in resume.output_shards:
+            restored.update(self.streamed.adopt_shard(path))
             path.unlink(missing_ok=True)
+        for prefix, block in self.streamed.blocks:
+            if any(self.streamed.tensor_name(f"{prefix}.{local}") in restored for local, _ in block.named_parameters()):
+                with self.streamed.loaded(block, prefix):  # read back from the output: its zeros
+                    self._count(block, prefix)
 
     def _count(self, block: nn.Module, prefix: str) -> None:
         for name, layer in block_linears(block).items():

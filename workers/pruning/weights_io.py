@@ -188,20 +188,35 @@ class _Shard:
     tensors: tuple[str, ...]
 
 
-def plan_shards(layout: Sequence[TensorInfo], shard_bytes: int) -> list[list[TensorInfo]]:
+def plan_shards(layout: Sequence[TensorInfo], shard_bytes: int,
+                units: Sequence[Sequence[str]] = ()) -> list[list[TensorInfo]]:
     """Tensors in order, into shards of at most shard_bytes each; a tensor larger than that gets a shard of its
-    own."""
+    own. `units`: groups of tensors (consecutive in the layout) that a shard never splits from each other (one
+    block's tensors), unless the group alone is larger than a shard; then it gets shards of its own. Either way a
+    shard is complete as soon as its last unit is written."""
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, not {shard_bytes}")
+    unit_of = {name: number for number, unit in enumerate(units) for name in unit}
+    pieces: list[list[TensorInfo]] = []  # the units in layout order; a tensor outside every unit is one alone
+    for info in layout:
+        number = unit_of.get(info.name)
+        if pieces and number is not None and unit_of.get(pieces[-1][-1].name) == number:
+            pieces[-1].append(info)
+        else:
+            pieces.append([info])
     shards: list[list[TensorInfo]] = []
     current: list[TensorInfo] = []
     size = 0
-    for info in layout:
-        if current and size + info.nbytes > shard_bytes:
+    for piece in pieces:
+        piece_bytes = sum(info.nbytes for info in piece)
+        if current and size + piece_bytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
-        current.append(info)
-        size += info.nbytes
+        if len(piece) > 1 and piece_bytes > shard_bytes:
+            shards.extend(plan_shards(piece, shard_bytes))
+            continue
+        current.extend(piece)
+        size += piece_bytes
     if current or not shards:
         shards.append(current)
     return shards
@@ -237,7 +252,8 @@ class ShardedWriter:
     planned up front from (name, dtype, shape), headers written at once, and each tensor's bytes go straight to
     their place in its file as it is written (any order); nothing holds a shard in memory."""
 
-    def __init__(self, folder: Path, layout: Sequence[TensorInfo], shard_bytes: int) -> None:
+    def __init__(self, folder: Path, layout: Sequence[TensorInfo], shard_bytes: int,
+                 units: Sequence[Sequence[str]] = ()) -> None:
         folder = Path(folder)
         names = [info.name for info in layout]
         if len(set(names)) != len(names):
@@ -249,7 +265,7 @@ class ShardedWriter:
                 raise ValueError(f"tensor {info.name}: nbytes {info.nbytes} does not match {info.dtype} "
                                  f"{list(info.shape)}")
         folder.mkdir(parents=True, exist_ok=True)
-        groups = plan_shards(layout, shard_bytes)
+        groups = plan_shards(layout, shard_bytes, units)
         shards: list[_Shard] = []
         placed: dict[str, _Placed] = {}
         for file, group in zip(shard_names(len(groups)), groups, strict=True):
@@ -274,7 +290,7 @@ class ShardedWriter:
                 os.ftruncate(fd, shard.size)  # the whole size at once: every tensor is written at its place
             finally:
                 os.close(fd)
-        plan = {"shard_bytes": shard_bytes,
+        plan = {"shard_bytes": shard_bytes, "units": [list(unit) for unit in units],
                 "layout": [{"name": info.name, "dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape)}
                            for info in layout]}
         _write_atomically(folder / PLAN_NAME, json.dumps(plan).encode("utf-8"))
@@ -297,7 +313,7 @@ class ShardedWriter:
             raise FileNotFoundError(f"no unfinished sharded write in {folder} ({PLAN_NAME} missing)")
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
         layout = [TensorInfo.of(item["name"], DTYPES[item["dtype"]], item["shape"]) for item in plan["layout"]]
-        groups = plan_shards(layout, int(plan["shard_bytes"]))
+        groups = plan_shards(layout, int(plan["shard_bytes"]), plan.get("units", []))
         shards: list[_Shard] = []
         placed: dict[str, _Placed] = {}
         for file, group in zip(shard_names(len(groups)), groups, strict=True):
@@ -351,6 +367,25 @@ class ShardedWriter:
 
     def file_of(self, name: str) -> Path:
         return self.folder / self._placed[name].file
+
+    def complete_files(self) -> list[Path]:
+        """The shards whose every tensor is written (final from then on: nothing writes to them again)."""
+        return [self.folder / shard.name for shard in self._shards if self._written.issuperset(shard.tensors)]
+
+    def adopt(self, path: Path) -> bool:
+        """A complete shard of this very plan written elsewhere (a checkpoint's copy, fetched back) moved into place,
+        its tensors then written. False, and nothing moved, when the file is not the planned shard of its name (same
+        header, same size): its tensors must then be written one by one."""
+        shard = next((shard for shard in self._shards if shard.name == path.name), None)
+        if shard is None or path.stat().st_size != shard.size or _read_prefix(path, len(shard.header)) != shard.header:
+            return False
+        shutil.move(path, self.folder / shard.name)  # a rename on one file system
+        with (self.folder / JOURNAL_NAME).open("a", encoding="utf-8") as journal:
+            journal.write("".join(f"{name}\n" for name in shard.tensors if name not in self._written))
+            journal.flush()
+            os.fsync(journal.fileno())
+        self._written.update(shard.tensors)
+        return True
 
     def close(self) -> list[Path]:
         """The shards, then the index when there is more than one shard. Raises IncompleteWrite naming the tensors
