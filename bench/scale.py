@@ -10,7 +10,9 @@ Rows (bench/results/scale.json), each one job through `workers.pruning.pipeline.
   size (fewer than the protocol's 64, the same for all rows). Each synthetic model is written before its row and
   deleted after it (var/bench/synth): disk is shared.
 - SmolLM2-135M under the protocol (64 x 512 calibration, perplexity on its 64 evaluation windows), Wanda 0.5, in
-  memory and streamed: the same perplexity is expected, and the time streaming costs.
+  memory and streamed: the same perplexity is expected, and the time streaming costs. Streamed once more with a
+  checkpoint after every block (into a local folder, 64 MB shards): what checkpointing writes and costs, and how
+  much of the output the checkpoint already holds (what publishing copies within the store instead of uploading).
 
 `peak_rss_mb` is the job's own peak (VmHWM reset at its start), `model_bytes` the weights on disk.
 
@@ -28,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,11 @@ CONFIGS: dict[str, tuple[str, float, str, str]] = {
     "wanda-3b": ("synthetic", 3e9, "wanda", "disk"),
     "smollm2-memory": ("smollm2", 0, "wanda", "memory"),
     "smollm2-disk": ("smollm2", 0, "wanda", "disk"),
+    "smollm2-disk-checkpointed": ("smollm2", 0, "wanda", "disk"),
 }
+# Rows that checkpoint after every block into a local folder, with shards of this size: 64 MB holds 4 of SmolLM2's
+# fp32 blocks, as 2 GB shards hold 5 blocks of a 7B model in bf16.
+CHECKPOINTED = {"smollm2-disk-checkpointed": 64 * 2**20}
 SPARSITY = 0.5
 SYNTH_CALIBRATION = {"num_samples": 16, "seq_len": 512}
 QUICK_CALIBRATION = {"num_samples": 4, "seq_len": 128}
@@ -103,6 +110,7 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from workers.pruning import pipeline
+    from workers.pruning.checkpoint import Checkpoint, FolderFiles
     from workers.pruning.models import load_model
     from workers.pruning.spec import CalibrationSpec, EvaluationSpec, Progress, PruneSpec
     from workers.pruning.weights_io import WeightFiles
@@ -134,11 +142,26 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
 
         spec = PruneSpec(model_dir=model_dir, method=method, sparsity=SPARSITY, calibration=calibration,
                          evaluation=evaluation, device="cpu", offload=offload)
+        if name in CHECKPOINTED:
+            spec = replace(spec, output_shard_bytes=CHECKPOINTED[name])
         scratch = ROOT / "var" / "bench" / "tmp"
         scratch.mkdir(parents=True, exist_ok=True)
+        stored: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(dir=scratch) as out:
-            result = pipeline.run(spec, Path(out) / "model", on_progress=progress)
-            output = sorted(path.name for path in (Path(out) / "model").iterdir() if path.suffix == ".safetensors")
+            folder = Path(out) / "model"
+            checkpoint = (Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / "stage")
+                          if name in CHECKPOINTED else None)
+            result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
+            output = sorted(path.name for path in folder.iterdir() if path.suffix == ".safetensors")
+            if checkpoint is not None:
+                output_bytes = sum((folder / shard).stat().st_size for shard in output)
+                held = sum(saved.size_bytes for saved in checkpoint.stored_output(folder).values())
+                summary = result.report["checkpoint"]
+                stored = {"checkpoint": summary, "output_bytes": output_bytes, "held_by_checkpoint_bytes": held,
+                          # What goes to the store in all, over the model's own bytes: the checkpoint's writes plus
+                          # the output shards it does not hold (publishing copies the rest within the store).
+                          "stored_over_output": round((summary["bytes_written"] + output_bytes - held)
+                                                      / output_bytes, 4)}
         metrics = result.metrics
         gc.collect()
         row: dict[str, Any] = {
@@ -150,7 +173,7 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
             # Process CPU time (user + system, so page-cache reads count; waiting on the disk does not): on a
             # shared machine wall time swings with the other work, CPU time hardly does.
             "prune_cpu_s": round(prune_cpu[-1] - prune_cpu[0], 3),
-            "output_shards": output, "calibration": sizes,
+            "output_shards": output, "calibration": sizes, **stored,
         }
         if kind == "smollm2":
             row["perplexity"] = metrics["perplexity"]["pruned"]

@@ -411,6 +411,69 @@ def test_a_killed_job_resumes_from_its_checkpoint_to_the_same_result(make_servic
     assert digests(job_id) == digests(again) and "model.safetensors" in digests(job_id)
 
 
+@pytest.fixture
+def wide_llama_8(models_root: Path) -> str:
+    """8 blocks of about 2.9 MB each (width 256, fp32): with 4 MB shards, every block ends a shard of its own."""
+    from prunekit.fixtures.demo_models import build_tiny_llama
+
+    if not (models_root / "tiny-llama-8-wide").exists():
+        build_tiny_llama(models_root / "tiny-llama-8-wide", layers=8, width=256)
+    return "local:tiny-llama-8-wide"
+
+
+def test_a_killed_streamed_job_resumes_from_its_output_shards_and_publishes_them_by_copy(
+        make_service: Callable[..., Service], wide_llama_8: str) -> None:
+    """Streamed from disk on S3: the checkpoint is the output's own shards, so the resumed job restores them and
+    publishes every block's shard by a copy within the store; nothing is uploaded twice, and the files are those of
+    a job never interrupted, bit for bit."""
+    service = make_service(OUTPUT_SHARD_MB="4")
+    body = SLOW | {"model": wide_llama_8, "offload": "disk", "calibration": {"num_samples": 64, "seq_len": 256},
+                   "evaluation": {"num_samples": 8, "seq_len": 256}}
+    job_id = submit(service, body)
+    wait_for_status(service, [job_id], lambda j: (j["progress"] or {}).get("stage") == "pruning"
+                    and j["progress"]["done"] >= 2, 180, "two blocks pruned")
+    kill_process(service, "worker")
+    start_process(service, "worker2", "worker")
+    [job] = wait_for_status(service, [job_id], ended, 240, "the end of the resumed job")
+    assert job["status"] == "succeeded", job["error"]
+    events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    [resumed] = [e for e in events if e["message"].startswith("Resumed from block")]
+    assert 2 <= resumed["data"]["block"] < 8, resumed
+    # What it resumed from is the blocks' shards (and hidden states), not a second copy of each block.
+    assert resumed["data"]["checkpoint_bytes"] < (resumed["data"]["block"] + 1) * 3 * 2**20 + 64 * 256 * 256 * 4
+
+    def stored(job_id: str) -> dict[str, Any]:
+        log = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+        [event] = [e for e in log if e["message"].startswith("Stored ")]
+        return event
+
+    artifacts = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    shards = sorted(a["name"] for a in artifacts if a["name"].startswith("model-"))
+    event = stored(job_id)
+    # One shard per block, then the embeddings and head: every block's shard was copied, none uploaded again.
+    assert event["data"]["copied"] == shards[:8] and len(shards) > 8, event
+    assert "copied within the store" in event["message"]
+    for artifact in artifacts:
+        content = service.http.get(f"/v1/artifacts/{artifact['id']}/content").content
+        assert hashlib.sha256(content).hexdigest() == artifact["sha256"], artifact["name"]
+    settings = settings_of(service)
+    with session_scope(settings) as session:
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    # Only the listed files remain: the checkpoint's shards went with the job's end.
+    assert len(make_store(settings).list_keys(f"{tenant_id}/{job_id}")) == len(artifacts)
+
+    again = submit(service, body)
+    [uninterrupted] = wait_for_status(service, [again], ended, 240, "the end of the uninterrupted job")
+    assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
+
+    def digests(job_id: str) -> dict[str, str]:
+        listed = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+        return {a["name"]: a["sha256"] for a in listed if a["name"] != "report.json"}  # it holds timings
+
+    assert digests(job_id) == digests(again)
+    assert stored(again)["data"]["copied"] == shards[:8]  # the same path with no crash at all
+
+
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
                "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
 

@@ -115,15 +115,17 @@ def test_plan_respects_shard_bytes() -> None:
 
 
 def test_plan_never_splits_a_unit_unless_it_is_larger_than_a_shard() -> None:
-    sizes = {"e": 30, "b0.q": 10, "b0.k": 10, "b1.q": 10, "b1.k": 10, "b2.q": 50, "b2.k": 30, "n": 1}
+    sizes = {"e": 30, "b0.q": 10, "b0.k": 10, "b1.q": 5, "b1.k": 5, "b2.q": 50, "b2.k": 30, "b3.q": 1, "n": 1}
     layout = [TensorInfo.of(name, torch.float32, (n,)) for name, n in sizes.items()]
-    units = [["b0.q", "b0.k"], ["b1.q", "b1.k"], ["b2.q", "b2.k"]]
-    # 40 floats a shard: e (30) and block 0 (20) would fit by tensor count alone but not as a whole; blocks 0 and 1
-    # (40) fill one shard; block 2 (80) is larger than a shard and is split by tensor into shards of its own.
+    units = [["b0.q", "b0.k"], ["b1.q", "b1.k"], ["b2.q", "b2.k"], ["b3.q"]]
+    # 40 floats a shard. e (30) and b0.q (10) would fit together by size, but b0.q goes with b0.k; blocks 0 and 1
+    # (30) share one; block 2 (80) is larger than a shard and is split by tensor into shards of its own; b3 and n
+    # would fit together, but a shard of units takes nothing else (it must be complete once its units are).
     shards = plan_shards(layout, shard_bytes=160, units=units)
-    assert [[info.name for info in shard] for shard in shards] == [["e"], ["b0.q", "b0.k", "b1.q", "b1.k"],
-                                                                   ["b2.q"], ["b2.k"], ["n"]]
-    assert plan_shards(layout, shard_bytes=160) != shards  # by tensor alone, e and b0.q share a shard
+    assert [[info.name for info in shard] for shard in shards] == [
+        ["e"], ["b0.q", "b0.k", "b1.q", "b1.k"], ["b2.q"], ["b2.k"], ["b3.q"], ["n"]]
+    assert [[info.name for info in shard] for shard in plan_shards(layout, shard_bytes=160)] == [
+        ["e", "b0.q"], ["b0.k", "b1.q", "b1.k"], ["b2.q"], ["b2.k", "b3.q", "n"]]
 
 
 def test_a_shard_is_complete_once_its_tensors_are_written_and_can_be_adopted_elsewhere(tmp_path: Path) -> None:

@@ -192,8 +192,9 @@ def plan_shards(layout: Sequence[TensorInfo], shard_bytes: int,
                 units: Sequence[Sequence[str]] = ()) -> list[list[TensorInfo]]:
     """Tensors in order, into shards of at most shard_bytes each; a tensor larger than that gets a shard of its
     own. `units`: groups of tensors (consecutive in the layout) that a shard never splits from each other (one
-    block's tensors), unless the group alone is larger than a shard; then it gets shards of its own. Either way a
-    shard is complete as soon as its last unit is written."""
+    block's tensors), unless the group alone is larger than a shard; then it gets shards of its own. A shard holds
+    units or tensors outside them, never both: each shard of units is complete, and final, as soon as its last unit
+    is written."""
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, not {shard_bytes}")
     unit_of = {name: number for number, unit in enumerate(units) for name in unit}
@@ -209,7 +210,8 @@ def plan_shards(layout: Sequence[TensorInfo], shard_bytes: int,
     size = 0
     for piece in pieces:
         piece_bytes = sum(info.nbytes for info in piece)
-        if current and size + piece_bytes > shard_bytes:
+        in_unit = piece[0].name in unit_of
+        if current and (size + piece_bytes > shard_bytes or (current[0].name in unit_of) != in_unit):
             shards.append(current)
             current, size = [], 0
         if len(piece) > 1 and piece_bytes > shard_bytes:
