@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from prunekit.core import layout, lifecycle
 from prunekit.core.db import queries
-from prunekit.core.storage import ArtifactStore, retrying
+from prunekit.core.storage import ArtifactStore, StorageUnavailable, retrying
 from workers.lease import Lease, LeaseLost
 
 log = logging.getLogger("prunekit.worker")
@@ -44,16 +44,14 @@ def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str,
     for done, (name, path) in enumerate(files.items()):
         key = f"{prefix}/{name}"
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        if name in held:
-            patient.call(partial(store.copy, held[name].key, key, content_type), f"copying {name}",
-                         left=len(files) - done - 1)
-            digest = held[name].sha256
-        else:
+        left = len(files) - done - 1
+        digest = _copied(patient, store, held[name], key, content_type, left) if name in held else None
+        copied = digest is not None
+        if digest is None:
             # The store hashes the file in the pass that uploads it: a multi-GB shard is read once, not twice.
-            digest = patient.call(partial(store.put_file, key, path, content_type), f"uploading {name}",
-                                  left=len(files) - done - 1)
+            digest = patient.call(partial(store.put_file, key, path, content_type), f"uploading {name}", left=left)
         published.append(lifecycle.StoredFile(name=name, key=key, size_bytes=path.stat().st_size, sha256=digest,
-                                              content_type=content_type, copied=name in held))
+                                              content_type=content_type, copied=copied))
     try:
         with lease.session() as session:
             lifecycle.publish(session, job_id, tenant_id, published)
@@ -63,6 +61,22 @@ def publish(lease: Lease, store: ArtifactStore, tenant_id: str, files: dict[str,
     job_keys = patient.call(partial(store.list_keys, layout.job_prefix(tenant_id, job_id)), "listing the job's files")
     for stale in layout.attempt_prefixes(job_keys, tenant_id, job_id) - {prefix}:
         patient.call(partial(store.delete_prefix, stale), "removing an interrupted attempt's files")
+
+
+def _copied(patient: _Patient, store: ArtifactStore, source: StoredCopy, key: str, content_type: str,
+            left: int) -> str | None:
+    """The sha256 of a file copied within the store; None when the copy was refused (the checkpoint's file gone,
+    say): the file is then uploaded instead. A store away for the whole retry window still ends the job."""
+    try:
+        patient.call(partial(store.copy, source.key, key, content_type), f"copying {key.rsplit('/', 1)[-1]}",
+                     left=left)
+    except (StorageUnavailable, LeaseLost):
+        raise
+    except Exception as exc:
+        log.warning("could not copy %s within the store (%s: %s); uploading it instead", source.key,
+                    type(exc).__name__, exc)
+        return None
+    return source.sha256
 
 
 class _Patient:

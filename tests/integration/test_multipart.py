@@ -47,7 +47,7 @@ def new_bucket(endpoint: str) -> str:
 
 
 def publish_one(settings: Settings, store: ArtifactStore, tenant_id: str, name: str, path: Path,
-                copy_of: StoredCopy | None = None) -> Artifact:
+                copy_of: StoredCopy | None = None, copied: bool = False) -> Artifact:
     """`path` published as job's only artifact the way a worker does it (a claimed job, its lease, publish()); the
     artifact's row as recorded."""
     owner = f"test-{secrets.token_hex(4)}"
@@ -62,7 +62,7 @@ def publish_one(settings: Settings, store: ArtifactStore, tenant_id: str, name: 
         [artifact] = queries.list_artifacts(session, job_id)
         session.expunge(artifact)
         [stored] = [e for e in queries.list_events(session, job_id, None, 1000)[0] if e.message.startswith("Stored")]
-        assert stored.data["copied"] == ([name] if copy_of is not None else []), stored.data
+        assert stored.data["copied"] == ([name] if copied else []), stored.data
     return artifact
 
 
@@ -111,7 +111,8 @@ def test_a_shard_the_checkpoint_holds_is_copied_in_parts_within_the_store(
     saved_key = f"{tenant_id}/checkpoint-of-another-job/output-{big_file.name}"
     digest = store.put_file(saved_key, big_file, "application/octet-stream")
 
-    artifact = publish_one(settings, store, tenant_id, big_file.name, big_file, StoredCopy(saved_key, digest))
+    artifact = publish_one(settings, store, tenant_id, big_file.name, big_file, StoredCopy(saved_key, digest),
+                           copied=True)
     data = big_file.read_bytes()
     assert artifact.sha256 == sha256(data) and artifact.size_bytes == SIZE
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -119,6 +120,13 @@ def test_a_shard_the_checkpoint_holds_is_copied_in_parts_within_the_store(
     assert head["ETag"].strip('"').endswith("-3") and head["ContentType"] == "application/octet-stream"
     back = tmp_path / "back" / big_file.name
     store.download_file(artifact.storage_key, back)
+    assert back.read_bytes() == data
+
+    # The checkpoint's file gone (removed with an ended attempt, say): the file is uploaded instead, not lost.
+    store.delete(saved_key)
+    again = publish_one(settings, store, tenant_id, big_file.name, big_file, StoredCopy(saved_key, digest))
+    assert again.sha256 == sha256(data)
+    store.download_file(again.storage_key, back)
     assert back.read_bytes() == data
 
 
