@@ -383,6 +383,23 @@ def test_a_killed_job_resumes_from_its_checkpoint_to_the_same_result(make_servic
                                                                      tiny_llama_8: str) -> None:
     service = make_service()  # checkpoints on S3; the store contract tests cover the local folder's side
     body = SLOW | {"model": tiny_llama_8, "calibration": {"num_samples": 64, "seq_len": 256}}
+    job_id, job, events, resumed = killed_and_resumed(service, body)
+    assert resumed["data"]["tower"] == "language" and 2 <= resumed["data"]["block"] < 8, resumed
+    assert resumed["data"]["checkpoint_bytes"] > 64 * 256 * 64 * 4  # the saved hidden states and more
+    pruned = [e["data"]["done"] for e in events if e["message"].startswith("Pruned block")]
+    assert pruned[-(8 - resumed["data"]["block"]):] == list(range(resumed["data"]["block"] + 1, 9))
+    assert_one_set_of_artifacts(service, job_id)  # the checkpoints are gone with the job's end
+
+    # The same job never interrupted: the same files, bit for bit, and the same dense perplexity.
+    again = uninterrupted(service, body)
+    assert again["metrics"]["perplexity"] == job["metrics"]["perplexity"]
+    assert digests(service, job_id) == digests(service, again["id"]) and "model.safetensors" in digests(service, job_id)
+
+
+def killed_and_resumed(service: Service, body: dict[str, Any]) -> tuple[str, dict[str, Any], list[dict[str, Any]],
+                                                                         dict[str, Any]]:
+    """A job whose worker is killed after two pruned blocks, resumed by another worker: its id, its end, its events
+    and the resume's event."""
     job_id = submit(service, body)
     wait_for_status(service, [job_id], lambda j: (j["progress"] or {}).get("stage") == "pruning"
                     and j["progress"]["done"] >= 2, 180, "two blocks pruned")
@@ -392,23 +409,19 @@ def test_a_killed_job_resumes_from_its_checkpoint_to_the_same_result(make_servic
     assert job["status"] == "succeeded", job["error"]
     events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     [resumed] = [e for e in events if e["message"].startswith("Resumed from block")]
-    assert resumed["data"]["tower"] == "language" and 2 <= resumed["data"]["block"] < 8, resumed
-    assert resumed["data"]["checkpoint_bytes"] > 64 * 256 * 64 * 4  # the saved hidden states and more
-    pruned = [e["data"]["done"] for e in events if e["message"].startswith("Pruned block")]
-    assert pruned[-(8 - resumed["data"]["block"]):] == list(range(resumed["data"]["block"] + 1, 9))
-    assert_one_set_of_artifacts(service, job_id)  # the checkpoints are gone with the job's end
+    return job_id, job, events, resumed
 
-    # The same job never interrupted: the same files, bit for bit, and the same dense perplexity.
-    again = submit(service, body)
-    [uninterrupted] = wait_for_status(service, [again], ended, 240, "the end of the uninterrupted job")
-    assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
-    assert uninterrupted["metrics"]["perplexity"] == job["metrics"]["perplexity"]
 
-    def digests(job_id: str) -> dict[str, str]:
-        artifacts = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
-        return {a["name"]: a["sha256"] for a in artifacts if a["name"] != "report.json"}  # it holds timings
+def uninterrupted(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    job_id = submit(service, body)
+    [job] = wait_for_status(service, [job_id], ended, 240, "the end of the uninterrupted job")
+    assert job["status"] == "succeeded", job["error"]
+    return job
 
-    assert digests(job_id) == digests(again) and "model.safetensors" in digests(job_id)
+
+def digests(service: Service, job_id: str) -> dict[str, str]:
+    artifacts = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    return {a["name"]: a["sha256"] for a in artifacts if a["name"] != "report.json"}  # it holds timings
 
 
 @pytest.fixture
@@ -429,15 +442,7 @@ def test_a_killed_streamed_job_resumes_from_its_output_shards_and_publishes_them
     service = make_service(OUTPUT_SHARD_MB="4")
     body = SLOW | {"model": wide_llama_8, "offload": "disk", "calibration": {"num_samples": 64, "seq_len": 256},
                    "evaluation": {"num_samples": 8, "seq_len": 256}}
-    job_id = submit(service, body)
-    wait_for_status(service, [job_id], lambda j: (j["progress"] or {}).get("stage") == "pruning"
-                    and j["progress"]["done"] >= 2, 180, "two blocks pruned")
-    kill_process(service, "worker")
-    start_process(service, "worker2", "worker")
-    [job] = wait_for_status(service, [job_id], ended, 240, "the end of the resumed job")
-    assert job["status"] == "succeeded", job["error"]
-    events = service.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-    [resumed] = [e for e in events if e["message"].startswith("Resumed from block")]
+    job_id, job, events, resumed = killed_and_resumed(service, body)
     assert 2 <= resumed["data"]["block"] < 8, resumed
     # What it resumed from is the blocks' shards (and hidden states), not a second copy of each block.
     assert resumed["data"]["checkpoint_bytes"] < (resumed["data"]["block"] + 1) * 3 * 2**20 + 64 * 256 * 256 * 4
@@ -462,15 +467,8 @@ def test_a_killed_streamed_job_resumes_from_its_output_shards_and_publishes_them
     # Only the listed files remain: the checkpoint's shards went with the job's end.
     assert len(make_store(settings).list_keys(f"{tenant_id}/{job_id}")) == len(artifacts)
 
-    again = submit(service, body)
-    [uninterrupted] = wait_for_status(service, [again], ended, 240, "the end of the uninterrupted job")
-    assert uninterrupted["status"] == "succeeded", uninterrupted["error"]
-
-    def digests(job_id: str) -> dict[str, str]:
-        listed = service.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
-        return {a["name"]: a["sha256"] for a in listed if a["name"] != "report.json"}  # it holds timings
-
-    assert digests(job_id) == digests(again)
+    again = uninterrupted(service, body)["id"]
+    assert digests(service, job_id) == digests(service, again)
     assert stored(again)["data"]["copied"] == shards[:8]  # the same path with no crash at all
 
 

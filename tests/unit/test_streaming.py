@@ -124,6 +124,17 @@ def test_streamed_smollm2_with_tied_head_is_bit_identical(smollm2_dir: Path, sma
     assert streamed.metrics["memory"]["model_mb"] > 500  # 135M parameters in fp32
 
 
+class Crash(Exception):
+    """Stands for the worker dying right after a block's progress event (its checkpoint, if any, saved)."""
+
+
+def crash_after(blocks: int) -> Callable[[Progress], None]:
+    def on_progress(progress: Progress) -> None:
+        if progress.stage == "pruning" and progress.done == blocks:
+            raise Crash
+    return on_progress
+
+
 def test_resumed_streamed_run_is_bit_identical(tiny_model: Callable[[str], Path], small_text: Path,
                                                tmp_path: Path) -> None:
     """Interrupted inside LLaVA's language tower and run again: the checkpoint holds the output's own shards (no
@@ -133,15 +144,9 @@ def test_resumed_streamed_run_is_bit_identical(tiny_model: Callable[[str], Path]
     run(spec, tmp_path / "reference")
     files = FolderFiles(tmp_path / "checkpoint")
 
-    class Crash(Exception):
-        pass
-
-    def crash(progress: Progress) -> None:
-        if progress.stage == "pruning" and progress.done == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        run(spec, tmp_path / "first", on_progress=crash, checkpoint=Checkpoint(files, tmp_path / "stage-1"))
+        run(spec, tmp_path / "first", on_progress=crash_after(3),
+            checkpoint=Checkpoint(files, tmp_path / "stage-1"))
     saved = sorted(path.name for path in (tmp_path / "checkpoint").iterdir())
     assert not [name for name in saved if name.startswith("block-")], saved
     shards = [name for name in saved if name.startswith("output-")]
@@ -172,15 +177,9 @@ def test_a_streamed_checkpoint_is_saved_where_an_output_shard_ends(tmp_path: Pat
     spec = spec_for(tmp_path / "llama6", small_text, offload="disk", output_shard_bytes=2 * block + block // 2)
     files = FolderFiles(tmp_path / "checkpoint")
 
-    class Crash(Exception):
-        pass
-
-    def crash(progress: Progress) -> None:
-        if progress.stage == "pruning" and progress.done == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        run(spec, tmp_path / "first", on_progress=crash, checkpoint=Checkpoint(files, tmp_path / "stage-1"))
+        run(spec, tmp_path / "first", on_progress=crash_after(5),
+            checkpoint=Checkpoint(files, tmp_path / "stage-1"))
     # Shards 1-3 hold two blocks each; the embeddings and head come after them.
     count = len(list((tmp_path / "first").glob("model-*-of-*.safetensors")))
     shard = [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
