@@ -190,6 +190,7 @@ def test_a_streamed_checkpoint_is_saved_where_an_output_shard_ends(tmp_path: Pat
     assert [r.done for r in resumes] == [4]
     summary = result.report["checkpoint"]
     assert summary["saves"] == 1  # after the last block (6): its shard complete
+    assert summary["output_shards"] == 3  # two restored, one saved by this run
     hidden = (tmp_path / "checkpoint" / "state.json").stat().st_size  # no hidden states after the last block
     assert summary["bytes_written"] == (tmp_path / "second" / shard[2]).stat().st_size + hidden
     held = checkpoint.stored_output(tmp_path / "second")

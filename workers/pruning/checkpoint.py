@@ -286,7 +286,8 @@ class Checkpoint:
 
     def summary(self) -> dict[str, Any]:
         """For the report: how much checkpointing wrote and cost, and where this run resumed from."""
-        return {"every_blocks": self.every_blocks, **self._stats}
+        held = {"output_shards": len(self._shards)} if self.output is not None else {}
+        return {"every_blocks": self.every_blocks, **self._stats, **held}
 
 
 def header_digest(path: Path) -> str:
