@@ -37,17 +37,11 @@ class StoreFiles:
         return f"{self.prefix}/{name}"
 
     def get(self, name: str, dest: Path) -> bool:
-        key = f"{self.prefix}/{name}"
+        key = self.key(name)
         if not self.store.exists(key):
             return False
         self.store.download_file(key, dest)
         return True
-
-    def delete(self, name: str) -> None:
-        try:
-            self.store.delete(f"{self.prefix}/{name}")
-        except Exception as exc:  # a leftover file is removed with the rest when the job ends
-            log.warning("could not delete checkpoint file %s: %s", name, exc)
 
 
 def checkpoint_for(lease: Lease, store: ArtifactStore, tenant_id: str, scratch: Path) -> Checkpoint | None:

@@ -86,7 +86,10 @@ def test_llama_resumed_mid_tower_is_bit_identical(method: str, llama4: Path, sma
     result, resumes, progress = interrupted_then_resumed(spec, 2, tmp_path)
 
     assert [(r.tower, r.block, r.done) for r in resumes] == [("language", 2, 2)]
-    assert resumes[0].hidden is not None and resumes[0].size_bytes > resumes[0].hidden.numel() * 4
+    # The blocks' parameters and state.json only: the hidden states entering block 3 were made again from the
+    # restored blocks, and the model came out the same.
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        *(f"block-{k:05d}.safetensors" for k in range(4)), "state.json"]
     assert pruned_blocks(progress) == [3, 4]  # blocks 1 and 2 were not pruned again
     assert "evaluation_dense" not in {p.stage for p in progress}
     assert_same_model(tmp_path / "second", tmp_path / "reference")
@@ -129,7 +132,7 @@ def test_resume_at_a_tower_boundary_and_with_sparser_checkpoints(tiny_model: Cal
     run(spec, tmp_path / "reference")
     # Saved every second block: interrupted after block 3, the checkpoint of block 2 (the vision tower done).
     _, resumes, progress = interrupted_then_resumed(spec, 3, tmp_path, every=2)
-    assert [(r.tower, r.block, r.done, r.hidden) for r in resumes] == [("vision", 0, 2, None)]
+    assert [(r.tower, r.block, r.done) for r in resumes] == [("vision", 0, 2)]
     assert pruned_blocks(progress) == [3, 4]
     assert_same_model(tmp_path / "second", tmp_path / "reference")
 

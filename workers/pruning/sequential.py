@@ -63,7 +63,6 @@ BlockArgs = tuple[tuple[Any, ...], dict[str, Any]]
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor | ModelInputs,
                          batch_size: int, device: torch.device | None = None,
-                         keep_hidden: bool = True,
                          home: BlockHome | None = None) -> tuple[torch.Tensor | None, list[BlockArgs]]:
     """Hidden states entering the first block for every sample, and the other arguments of each batch.
 
@@ -71,7 +70,6 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
     makes of the calibration data (LLaVA's merged image and text embeddings, BLIP-2's Q-Former outputs...).
     The other arguments (attention mask, position ids, rotary embeddings...) are captured as they come, so
     no model family needs special-casing here. Both end up on `device` (default: the model's device).
-    Without keep_hidden, only the other arguments are kept (a resumed tower has its hidden states already).
     The model runs inside home.forward() (a streamed model reads its modules as they are called), on
     home.device when the home has one.
     """
@@ -87,10 +85,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, windows: torc
         nonlocal hidden
         kwargs = dict(kwargs)
         states = args[0] if args else kwargs.pop("hidden_states")
-        if keep_hidden:
-            if hidden is None:
-                hidden = states.new_empty((inputs.num_samples, *states.shape[1:]), device=device)
-            hidden[offset:offset + states.shape[0]] = states
+        if hidden is None:
+            hidden = states.new_empty((inputs.num_samples, *states.shape[1:]), device=device)
+        hidden[offset:offset + states.shape[0]] = states
         batch_args.append((_to(tuple(args[1:]), device), _to(kwargs, device)))
         raise _StopForward
 
@@ -139,6 +136,10 @@ class BlockHome(Protocol):
         after a visit that raised is the home's business too."""
         ...
 
+    def revisit(self, block: nn.Module, prefix: str) -> contextlib.AbstractContextManager[None]:
+        """A finished block on the device, only to carry the calibration data through it (a resumed tower)."""
+        ...
+
     def forward(self) -> contextlib.AbstractContextManager[None]:
         """While the whole model runs forward (a tower's first-block inputs are captured)."""
         ...
@@ -155,6 +156,9 @@ class InMemory:
     device: torch.device | None = None
 
     def visit(self, block: nn.Module, prefix: str) -> contextlib.AbstractContextManager[None]:
+        return _on(block, self.device)
+
+    def revisit(self, block: nn.Module, prefix: str) -> contextlib.AbstractContextManager[None]:
         return _on(block, self.device)
 
     def forward(self) -> contextlib.AbstractContextManager[None]:
@@ -222,8 +226,8 @@ class Feed:
 class Callbacks:
     on_block: Callable[[int, int], None] | None = None  # (blocks done, blocks in all)
     should_cancel: Callable[[], bool] = _never
-    # (index, inputs of the next block or None, unused so far) after every block: what a checkpoint needs
-    after_block: Callable[[int, torch.Tensor | None, list[str]], None] | None = None
+    # (index, unused so far) after every block: what a checkpoint needs
+    after_block: Callable[[int, list[str]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,6 @@ class StartAt:
     """Where a resumed tower carries on: the blocks before `block` are pruned already."""
 
     block: int = 0
-    hidden: torch.Tensor | None = None  # the inputs of `block`, when it is not the first
     unused: tuple[str, ...] = ()  # what the finished blocks left dense, as "<block index>.<name>"
 
 
@@ -247,7 +250,7 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, pruning: Pruning, 
     unused = list(start.unused)
     home = feed.block_home()
     with torch.inference_mode():
-        hidden, batch_args = _block_inputs(model, blocks, pruning.method, feed, start)
+        hidden, batch_args = _block_inputs(model, blocks, pruning.method, feed, start, prefix)
         for index in range(start.block, len(blocks)):
             if callbacks.should_cancel():
                 raise JobCancelled(f"cancelled before block {index}")
@@ -257,31 +260,32 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, pruning: Pruning, 
                 if hidden is not None and not last:
                     run_block(blocks[index], hidden, batch_args, feed.batch_size, write_back=True)
             if callbacks.after_block is not None:
-                callbacks.after_block(index, None if last else hidden, unused)
+                callbacks.after_block(index, unused)
             if callbacks.on_block is not None:
                 callbacks.on_block(index + 1, len(blocks))
     return unused
 
 
-def _block_inputs(model: nn.Module, blocks: nn.ModuleList, method: Method, feed: Feed,
-                  start: StartAt) -> tuple[torch.Tensor | None, list[BlockArgs]]:
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, method: Method, feed: Feed, start: StartAt,
+                  prefix: str) -> tuple[torch.Tensor | None, list[BlockArgs]]:
     """The hidden states entering block start.block and every batch's other arguments; none for a method
     without statistics, which runs no forward pass at all."""
     if method.new_stats is None:
         return None, []
     if feed.windows is None:
         raise ValueError(f"{method.name} needs calibration windows")
-    # The other arguments are made before the tower's first block runs, from modules that are never pruned
-    # and from earlier towers, which a resumed run has restored bit for bit: capturing them again gives
-    # exactly what the interrupted run used. The hidden states entering block `start` went through pruned
-    # blocks of this tower and cannot be captured again: they come saved.
+    # Everything before the tower's first block is never pruned, or belongs to earlier towers, which a resumed run
+    # has restored bit for bit: capturing again gives exactly what the interrupted run used. The hidden states
+    # entering block `start` are what that run made by carrying them through the blocks before it once each was
+    # pruned; the restored blocks make them again, the same way (a checkpoint saves no hidden states: at 7B they
+    # are several GB, and a 70B model would upload them once a block).
     home = feed.block_home()
     hidden, batch_args = capture_block_inputs(model, blocks[0], feed.windows, feed.batch_size, feed.device,
-                                              keep_hidden=start.block == 0, home=home)
-    if start.block > 0:
-        if start.hidden is None:
-            raise ValueError(f"resuming at block {start.block} needs the hidden states entering it")
-        hidden = start.hidden.to(feed.device or home.device or next(model.parameters()).device)
+                                              home=home)
+    assert hidden is not None
+    for index in range(start.block):
+        with home.revisit(blocks[index], f"{prefix}.{index}" if prefix else str(index)):
+            run_block(blocks[index], hidden, batch_args, feed.batch_size, write_back=True)
     return hidden, batch_args
 
 
@@ -353,11 +357,11 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
         before = [name for name in unused if not name.startswith(prefix)]
         mine = [name.removeprefix(prefix) for name in unused if name.startswith(prefix)]
 
-        def report(index: int, hidden: torch.Tensor | None, skipped: list[str], tower: Tower = tower,
-                   first: int = first, before: list[str] = before) -> None:
+        def report(index: int, skipped: list[str], tower: Tower = tower, first: int = first,
+                   before: list[str] = before) -> None:
             if after_block is not None:
                 names = before + [f"{tower.prefix}.{name}" for name in skipped]
-                after_block(BlockDone(tower, index, first + index + 1, total, hidden, names))
+                after_block(BlockDone(tower, index, first + index + 1, total, names))
 
         def ratio_of(index: int, name: str, prefix: str = prefix, sparsity: float = sparsity) -> float:
             return sparsity if layer_sparsity is None else layer_sparsity.get(f"{prefix}{index}.{name}", sparsity)
@@ -369,8 +373,7 @@ def prune_towers(model: nn.Module, plan: Sequence[tuple[Tower, float]], method: 
             mine = prune_sequential(model, tower.blocks, Pruning(method, sparsity, pattern, ratio_of, stored_as),
                                     Feed(inputs, batch_size, device, home),
                                     Callbacks(block_done, should_cancel, report),
-                                    StartAt(start, resume.hidden if resume is not None and start > 0 else None,
-                                            tuple(mine)), prefix=tower.prefix)
+                                    StartAt(start, tuple(mine)), prefix=tower.prefix)
         unused = before + [f"{prefix}{name}" for name in mine]
         first += len(tower.blocks)
     return unused

@@ -490,6 +490,15 @@ class DiskHome:
         finally:
             release_freed_memory()
 
+    @contextlib.contextmanager
+    def revisit(self, block: nn.Module, prefix: str) -> Iterator[None]:
+        """A finished block read back from the output, to carry the calibration data through it."""
+        try:
+            with self.streamed.loaded(block, prefix):
+                yield
+        finally:
+            release_freed_memory()
+
     def forward(self) -> contextlib.AbstractContextManager[None]:
         return self.streamed.forward()
 

@@ -596,6 +596,9 @@ class _Capturing:
     def visit(self, block: nn.Module, prefix: str) -> AbstractContextManager[None]:
         raise NotImplementedError("scoring visits blocks through Stream.block")
 
+    def revisit(self, block: nn.Module, prefix: str) -> AbstractContextManager[None]:
+        raise NotImplementedError("scoring visits blocks through Stream.block")
+
     def restore(self, model: nn.Module, resume: Any) -> None:
         raise NotImplementedError("scoring resumes nothing")
 
