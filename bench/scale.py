@@ -13,6 +13,8 @@ Rows (bench/results/scale.json), each one job through `workers.pruning.pipeline.
   memory and streamed: the same perplexity is expected, and the time streaming costs. Streamed once more with a
   checkpoint after every block (into a local folder, 64 MB shards): what checkpointing writes and costs, and how
   much of the output the checkpoint already holds (what publishing copies within the store instead of uploading).
+  And once interrupted after 16 of its 30 blocks and resumed: what an interruption costs (`prune_cpu_s` sums both
+  attempts' pruning stages).
 
 `peak_rss_mb` is the job's own peak (VmHWM reset at its start), `model_bytes` the weights on disk.
 
@@ -49,10 +51,18 @@ CONFIGS: dict[str, tuple[str, float, str, str]] = {
     "smollm2-memory": ("smollm2", 0, "wanda", "memory"),
     "smollm2-disk": ("smollm2", 0, "wanda", "disk"),
     "smollm2-disk-checkpointed": ("smollm2", 0, "wanda", "disk"),
+    "smollm2-disk-resumed": ("smollm2", 0, "wanda", "disk"),
 }
 # Rows that checkpoint after every block into a local folder, with shards of this size: 64 MB holds 4 of SmolLM2's
 # fp32 blocks, as 2 GB shards hold 5 blocks of a 7B model in bf16.
-CHECKPOINTED = {"smollm2-disk-checkpointed": 64 * 2**20}
+CHECKPOINTED = {"smollm2-disk-checkpointed": 64 * 2**20, "smollm2-disk-resumed": 64 * 2**20}
+# Rows interrupted after this many blocks (where a shard ends: a checkpoint was just saved) and run again: the
+# resumed run restores the finished blocks and carries the calibration data through them again.
+INTERRUPTED = {"smollm2-disk-resumed": 16}
+
+
+class _Interrupted(Exception):
+    pass
 SPARSITY = 0.5
 SYNTH_CALIBRATION = {"num_samples": 16, "seq_len": 512}
 QUICK_CALIBRATION = {"num_samples": 4, "seq_len": 128}
@@ -134,11 +144,16 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
 
         prune_cpu: list[float] = []
 
+        attempts: list[int] = []
+
         def progress(p: Progress) -> None:
             if p.stage == "pruning" and p.done in (0, p.total):  # the stage's process CPU time, start and end
                 prune_cpu.append(time.process_time())
             if p.done == p.total or (p.stage == "pruning" and p.done % 10 == 0):
                 _log(f"  {name}: {p.stage} {p.done}/{p.total} {p.message}")
+            if p.stage == "pruning" and len(attempts) == 1 and p.done == INTERRUPTED.get(name):
+                prune_cpu.append(time.process_time())
+                raise _Interrupted
 
         spec = PruneSpec(model_dir=model_dir, method=method, sparsity=SPARSITY, calibration=calibration,
                          evaluation=evaluation, device="cpu", offload=offload)
@@ -151,7 +166,14 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
             folder = Path(out) / "model"
             checkpoint = (Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / "stage")
                           if name in CHECKPOINTED else None)
-            result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
+            attempts.append(1)
+            try:
+                result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
+            except _Interrupted:
+                _log(f"  {name}: interrupted after block {INTERRUPTED[name]}; resuming")
+                attempts.append(2)
+                checkpoint = Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / "stage-2")
+                result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
             output = sorted(path.name for path in folder.iterdir() if path.suffix == ".safetensors")
             if checkpoint is not None:
                 output_bytes = sum((folder / shard).stat().st_size for shard in output)
@@ -172,8 +194,10 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
             "prune_s": metrics["timings_s"]["pruning"], "timings_s": metrics["timings_s"],
             # Process CPU time (user + system, so page-cache reads count; waiting on the disk does not): on a
             # shared machine wall time swings with the other work, CPU time hardly does.
-            "prune_cpu_s": round(prune_cpu[-1] - prune_cpu[0], 3),
+            "prune_cpu_s": round(sum(end - start for start, end in zip(prune_cpu[::2], prune_cpu[1::2],
+                                                                         strict=True)), 3),
             "output_shards": output, "calibration": sizes, **stored,
+            **({"interrupted_after": INTERRUPTED[name]} if name in INTERRUPTED else {}),
         }
         if kind == "smollm2":
             row["perplexity"] = metrics["perplexity"]["pruned"]
