@@ -59,16 +59,16 @@ CHECKPOINTED = {"smollm2-disk-checkpointed": 64 * 2**20, "smollm2-disk-resumed":
 # Rows interrupted after this many blocks (where a shard ends: a checkpoint was just saved) and run again: the
 # resumed run restores the finished blocks and carries the calibration data through them again.
 INTERRUPTED = {"smollm2-disk-resumed": 16}
-
-
-class _Interrupted(Exception):
-    pass
 SPARSITY = 0.5
 SYNTH_CALIBRATION = {"num_samples": 16, "seq_len": 512}
 QUICK_CALIBRATION = {"num_samples": 4, "seq_len": 128}
 QUICK_PARAMS = 1e7
 PROTOCOL = {"calibration_samples": 64, "evaluation_samples": 64, "seq_len": 512}
 QUICK_PROTOCOL = {"calibration_samples": 8, "evaluation_samples": 8, "seq_len": 256}
+
+
+class _Interrupted(Exception):
+    """Stops a row's first attempt after INTERRUPTED blocks, as a crash would."""
 
 
 def _log(message: str) -> None:
@@ -142,17 +142,18 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
             num_parameters = sum(files.info(tensor).nbytes // files.info(tensor).dtype.itemsize
                                  for tensor in files.names())
 
+        # Each attempt's pruning stage, as process CPU times at its start and its end (or its interruption).
         prune_cpu: list[float] = []
-
-        attempts: list[int] = []
+        interrupt_at = [INTERRUPTED.get(name)]  # cleared once the first attempt is stopped
 
         def progress(p: Progress) -> None:
-            if p.stage == "pruning" and p.done in (0, p.total):  # the stage's process CPU time, start and end
+            if p.stage == "pruning" and p.done in (0, p.total):
                 prune_cpu.append(time.process_time())
             if p.done == p.total or (p.stage == "pruning" and p.done % 10 == 0):
                 _log(f"  {name}: {p.stage} {p.done}/{p.total} {p.message}")
-            if p.stage == "pruning" and len(attempts) == 1 and p.done == INTERRUPTED.get(name):
+            if p.stage == "pruning" and p.done == interrupt_at[0]:
                 prune_cpu.append(time.process_time())
+                interrupt_at[0] = None
                 raise _Interrupted
 
         spec = PruneSpec(model_dir=model_dir, method=method, sparsity=SPARSITY, calibration=calibration,
@@ -164,15 +165,17 @@ def run_config(name: str, quick: bool) -> dict[str, Any]:
         stored: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(dir=scratch) as out:
             folder = Path(out) / "model"
-            checkpoint = (Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / "stage")
-                          if name in CHECKPOINTED else None)
-            attempts.append(1)
+
+            def attempt(number: int) -> Checkpoint | None:
+                return (Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / f"stage-{number}")
+                        if name in CHECKPOINTED else None)
+
+            checkpoint = attempt(1)
             try:
                 result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
             except _Interrupted:
                 _log(f"  {name}: interrupted after block {INTERRUPTED[name]}; resuming")
-                attempts.append(2)
-                checkpoint = Checkpoint(FolderFiles(Path(out) / "checkpoint"), Path(out) / "stage-2")
+                checkpoint = attempt(2)
                 result = pipeline.run(spec, folder, on_progress=progress, checkpoint=checkpoint)
             output = sorted(path.name for path in folder.iterdir() if path.suffix == ".safetensors")
             if checkpoint is not None:

@@ -268,6 +268,11 @@ class StreamedModel:
         """The files' tensor behind the model's parameter (or loaded buffer) `name`."""
         return self._tensor[name]
 
+    def module_tensors(self, module: nn.Module, prefix: str) -> list[str]:
+        """The files' tensors behind the module's parameters, each once, in the module's order."""
+        return list(dict.fromkeys(self._tensor[_join(prefix, local)]
+                                  for local, _ in module.named_parameters(remove_duplicate=False)))
+
     def read(self, tensor: str) -> torch.Tensor:
         """One tensor on the device in the compute dtype (floating ones): from the output once written there."""
         files = self.files
@@ -385,9 +390,7 @@ class StreamedModel:
         input again until tensors are written. `blocks` (module, prefix), in the order they will be written, come
         first, and a shard never splits one from another (unless a block alone is larger than a shard): each shard
         is complete, and final, when its last block is written, so a checkpoint can point at it."""
-        units = [list(dict.fromkeys(self._tensor[_join(prefix, local)]
-                                    for local, _ in block.named_parameters(remove_duplicate=False)))
-                 for block, prefix in blocks]
+        units = [self.module_tensors(block, prefix) for block, prefix in blocks]
         first = [name for unit in units for name in unit]
         order = list(dict.fromkeys([*first, *self.files.names()]))
         self._writer = ShardedWriter(folder, [self.files.info(name) for name in order], shard_bytes, units)
@@ -415,9 +418,8 @@ class StreamedModel:
     def block_shards(self, tower: Tower, index: int) -> list[Path]:
         """The output's shards that hold the block's parameters."""
         assert self._writer is not None, "start_output first"
-        prefix = f"{tower.prefix}.{index}"
-        return sorted({self._writer.file_of(self._tensor[_join(prefix, local)])
-                       for local, _ in tower.blocks[index].named_parameters(remove_duplicate=False)})
+        return sorted({self._writer.file_of(tensor)
+                       for tensor in self.module_tensors(tower.blocks[index], f"{tower.prefix}.{index}")})
 
     def adopt_shard(self, path: Path) -> list[str]:
         """A shard of the output saved by a checkpoint, put back in place; returns the tensors it holds. Moved
@@ -509,7 +511,7 @@ class DiskHome:
             restored.update(self.streamed.adopt_shard(path))
             path.unlink(missing_ok=True)
         for prefix, block in self.streamed.blocks:
-            if any(self.streamed.tensor_name(f"{prefix}.{local}") in restored for local, _ in block.named_parameters()):
+            if not restored.isdisjoint(self.streamed.module_tensors(block, prefix)):
                 with self.streamed.loaded(block, prefix):  # read back from the output: its zeros
                     self._count(block, prefix)
 
